@@ -1,0 +1,48 @@
+# meshlane: eBPF redirection for service-mesh sidecars.
+GO      ?= go
+BIN     ?= bin
+PKGS    := ./...
+# Privileged tests need root; `make test` runs everything, with the race
+# detector off for the datapath packages' real-socket tests to keep CI fast.
+TESTFLAGS ?= -count=1 -timeout 25m
+
+.PHONY: all build generate check-generate test lint fuzz clean deps
+
+all: build
+
+## build: the binaries into ./bin
+build:
+	@mkdir -p $(BIN)
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
+
+## generate: rebuild the eBPF objects and their Go bindings (needs clang, libbpf-dev)
+generate:
+	$(GO) generate ./bpf/...
+
+## check-generate: fail if the committed eBPF objects differ from a fresh build
+check-generate: generate
+	@git diff --exit-code -- bpf/ || { echo "bpf/: generated files differ from a fresh 'make generate'; run it and commit"; exit 1; }
+
+## deps: install what building and testing need (Debian)
+deps:
+	hack/deps.sh
+
+## test: every test; the privileged ones need root (they create namespaces, cgroups, bpffs)
+test:
+	$(GO) test $(TESTFLAGS) $(PKGS)
+
+## lint: gofmt and go vet
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+## fuzz: run every fuzz target for FUZZTIME each (default 10s)
+FUZZTIME ?= 10s
+fuzz:
+	hack/fuzz.sh $(FUZZTIME)
+
+clean:
+	rm -rf $(BIN)
+
+help:
+	@grep -E '^## ' Makefile | sed 's/## //'
