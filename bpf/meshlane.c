@@ -1,0 +1,748 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * meshlane datapath: sends a meshed pod's TCP connections to its sidecar
+ * without iptables.
+ *
+ *   cgroup/connect4, connect6  decide per connect() and rewrite the
+ *                              destination; remember the original one in
+ *                              the socket's local storage.
+ *   sockops                    publishes that original destination under the
+ *                              connection's 4-tuple once the source port is
+ *                              known (TCP_CONNECT); the listener's accepted
+ *                              socket takes it into its own storage
+ *                              (PASSIVE_ESTABLISHED); the client's close
+ *                              removes what was never taken. If enabled, it
+ *                              also puts both ends of pod-local connections
+ *                              in the sockhash.
+ *   cgroup/getsockopt          answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST
+ *                              from the accepted socket's storage.
+ *   sk_msg                     hands bytes straight to the peer socket.
+ *
+ * Pod identity is the socket's network namespace cookie, which the agent
+ * maps to the pod from the netns the CNI plugin reported: exact from the
+ * first packet, no learning, no negative caching.
+ *
+ * Byte orders in map keys and values: addresses are 16 bytes in network
+ * order, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d); ports are host order.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define IPPROTO_TCP 6
+#define SOL_IP 0
+#define SOL_IPV6 41
+/* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share
+ * the number 80. */
+#define SO_ORIGINAL_DST 80
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Set by the loader before load. */
+volatile const __u32 page_size = 4096;
+volatile const __u8 enable_sockmap = 0;
+
+/* One address, 16 bytes in network order. */
+struct ml_addr {
+	__u32 w[4];
+};
+
+enum ml_pod_flags {
+	/* Redirect every inbound port not excluded (Istio "*"). */
+	ML_POD_INBOUND_ALL = 1,
+	/* Redirect every outbound address not excluded (Istio "*"). */
+	ML_POD_OUTBOUND_ALL_CIDRS = 2,
+};
+
+/* Settings of one meshed pod, keyed by netns cookie. */
+struct ml_pod {
+	__u32 proxy_uid;
+	__u32 proxy_gid;
+	__u16 outbound_port;
+	__u16 inbound_port;
+	__u32 flags; /* enum ml_pod_flags */
+};
+
+enum ml_port_dir {
+	ML_DIR_INBOUND = 1,
+	ML_DIR_OUTBOUND = 2,
+};
+
+enum ml_port_flags {
+	ML_PORT_EXCLUDE = 1,
+	ML_PORT_INCLUDE = 2,
+};
+
+/* Per-pod port rule key. */
+struct ml_port_key {
+	__u64 netns;
+	__u16 port;
+	__u16 dir; /* enum ml_port_dir */
+	__u32 _pad;
+};
+
+enum ml_cidr_kind {
+	ML_CIDR_EXCLUDE = 1,
+	ML_CIDR_INCLUDE = 2,
+};
+
+/* LPM key of a per-pod outbound CIDR rule. The matched prefix covers kind
+ * and netns in full (96 bits) and then the address prefix, so one trie holds
+ * every pod's lists with no per-pod cap. */
+struct ml_cidr_key {
+	__u32 prefixlen;
+	__u32 kind; /* enum ml_cidr_kind */
+	__u64 netns;
+	struct ml_addr addr;
+};
+
+enum ml_redirect_kind {
+	ML_REDIRECT_OUTBOUND = 1,
+	ML_REDIRECT_INBOUND = 2,
+};
+
+/* The original destination of a redirected connection. */
+struct ml_origdst {
+	struct ml_addr addr;
+	__u16 port;
+	__u16 kind; /* enum ml_redirect_kind */
+	__u32 _pad;
+	/* netns cookie of the listener the connection was sent to */
+	__u64 listener_netns;
+};
+
+/* A TCP connection. In meshlane_origdst: src is the client, dst the
+ * listener, netns the listener's. In meshlane_sockhash: src is the socket's
+ * own end, dst its peer, netns the pod's cookie for loopback connections and
+ * 0 otherwise (pod IPs are unique on the node, loopback addresses are not). */
+struct ml_tuple {
+	__u64 netns;
+	struct ml_addr src;
+	struct ml_addr dst;
+	__u16 src_port;
+	__u16 dst_port;
+	__u32 _pad;
+};
+
+/* Decision counters, one slot each in meshlane_counters. */
+enum ml_counter {
+	ML_CNT_REDIRECT_OUTBOUND = 0,
+	ML_CNT_REDIRECT_INBOUND,
+	ML_CNT_PASS_NOT_TCP,
+	ML_CNT_PASS_NOT_MESHED,
+	ML_CNT_PASS_LOOPBACK,
+	ML_CNT_PASS_OWN_POD,
+	ML_CNT_PASS_PROXY_OWN_POD,
+	ML_CNT_PASS_PROXY_UPSTREAM,
+	ML_CNT_PASS_OUT_PORT_EXCLUDED,
+	ML_CNT_PASS_OUT_CIDR_EXCLUDED,
+	ML_CNT_PASS_OUT_CIDR_NOT_INCLUDED,
+	ML_CNT_PASS_IN_PORT_EXCLUDED,
+	ML_CNT_PASS_IN_PORT_NOT_INCLUDED,
+	ML_CNT_STORAGE_FAILED,
+	ML_CNT_ORIGDST_RECORDED,
+	ML_CNT_ORIGDST_RECORD_FAILED,
+	ML_CNT_ORIGDST_ADOPTED,
+	ML_CNT_ORIGDST_ANSWERED,
+	ML_CNT_ORIGDST_MISSED,
+	ML_CNT_ORIGDST_SHORT_BUFFER,
+	ML_CNT_SOCKHASH_INSERTED,
+	ML_CNT_SOCKHASH_INSERT_FAILED,
+	ML_CNT_MSG_REDIRECTED,
+	ML_CNT_MSG_REDIRECTED_BYTES,
+	ML_CNT_MSG_PEER_MISSING,
+	ML_CNT_MAX,
+};
+
+/* Map sizes here are defaults; the loader sets them from its options. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct ml_pod);
+} meshlane_pods SEC(".maps");
+
+/* The IPs of meshed pods on this node, to their netns cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 32768);
+	__type(key, struct ml_addr);
+	__type(value, __u64);
+} meshlane_podips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ml_port_key);
+	__type(value, __u32);
+} meshlane_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__type(key, struct ml_cidr_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} meshlane_cidrs SEC(".maps");
+
+/* Original destination by connection, from the client's TCP_CONNECT until
+ * the listener accepts it (or the client socket closes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct ml_tuple);
+	__type(value, struct ml_origdst);
+} meshlane_origdst SEC(".maps");
+
+/* The same record on the sockets themselves: on the client from connect()
+ * on, on the accepted socket from the handshake on. The kernel frees it with
+ * the socket, so nothing per connection outlives its connection. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ml_origdst);
+} meshlane_sks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 131072);
+	__type(key, struct ml_tuple);
+	__type(value, __u64);
+} meshlane_sockh SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ML_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} meshlane_cnt SEC(".maps");
+
+/* The enums are shared with Go but used by no map, so this read-only
+ * variable carries them into BTF for bpf2go -type. Nothing reads it. */
+const volatile struct {
+	enum ml_counter counter;
+	enum ml_pod_flags pod_flags;
+	enum ml_port_dir port_dir;
+	enum ml_port_flags port_flags;
+	enum ml_cidr_kind cidr_kind;
+	enum ml_redirect_kind redirect_kind;
+} ml_btf_enums;
+
+static __always_inline void count_n(__u32 what, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&meshlane_cnt, &what);
+
+	if (v)
+		*v += n;
+}
+
+static __always_inline void count(__u32 what)
+{
+	count_n(what, 1);
+}
+
+static __always_inline void addr_v4(struct ml_addr *a, __u32 ip4)
+{
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0x0000ffff);
+	a->w[3] = ip4;
+}
+
+static __always_inline int addr_is_v4(const struct ml_addr *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int addr_is_loopback(const struct ml_addr *a)
+{
+	if (addr_is_v4(a))
+		return (bpf_ntohl(a->w[3]) >> 24) == 127;
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == 0 &&
+	       a->w[3] == bpf_htonl(1);
+}
+
+/* Ports in the remote_port/dst_port fields of sock_ops and sk_msg are in
+ * network order; depending on the kernel and the field they sit in the low or
+ * the high 16 bits of the u32. A real port is never 0, so the half that holds
+ * it can be told apart. */
+static __always_inline __u16 port_from_net32(__u32 p)
+{
+	if (p > 0xffff)
+		p >>= 16;
+	return bpf_ntohs((__u16)p);
+}
+
+static __always_inline __u32 port_flags(__u64 netns, __u16 port, __u16 dir)
+{
+	struct ml_port_key k = { .netns = netns, .port = port, .dir = dir };
+	__u32 *f = bpf_map_lookup_elem(&meshlane_ports, &k);
+
+	return f ? *f : 0;
+}
+
+static __always_inline int cidr_match(__u64 netns, __u32 kind,
+				      const struct ml_addr *a)
+{
+	struct ml_cidr_key k = {
+		.prefixlen = 32 + 64 + 128,
+		.kind = kind,
+		.netns = netns,
+		.addr = *a,
+	};
+
+	return bpf_map_lookup_elem(&meshlane_cidrs, &k) != NULL;
+}
+
+enum verdict {
+	V_PASS = 0,
+	V_OUTBOUND,
+	V_INBOUND,
+};
+
+struct decision {
+	struct ml_origdst orig;
+	__u16 new_port;
+};
+
+/* Rule 2: a connection to podIP:port of a meshed pod on this node goes to
+ * that pod's inbound listener, unless the port is excluded. */
+static __always_inline int decide_inbound(struct decision *d, __u64 dst_netns,
+					  const struct ml_pod *dst)
+{
+	__u32 pf = port_flags(dst_netns, d->orig.port, ML_DIR_INBOUND);
+
+	if ((pf & ML_PORT_EXCLUDE) || d->orig.port == dst->inbound_port) {
+		count(ML_CNT_PASS_IN_PORT_EXCLUDED);
+		return V_PASS;
+	}
+	if (!(dst->flags & ML_POD_INBOUND_ALL) && !(pf & ML_PORT_INCLUDE)) {
+		count(ML_CNT_PASS_IN_PORT_NOT_INCLUDED);
+		return V_PASS;
+	}
+	d->orig.kind = ML_REDIRECT_INBOUND;
+	d->orig.listener_netns = dst_netns;
+	d->new_port = dst->inbound_port;
+	return V_INBOUND;
+}
+
+/* Rule 1: an app connection goes to its own sidecar's outbound listener
+ * unless its port or address is excluded. */
+static __always_inline int decide_outbound(struct decision *d, __u64 netns,
+					   const struct ml_pod *src)
+{
+	__u32 pf = port_flags(netns, d->orig.port, ML_DIR_OUTBOUND);
+
+	if (pf & ML_PORT_EXCLUDE) {
+		count(ML_CNT_PASS_OUT_PORT_EXCLUDED);
+		return V_PASS;
+	}
+	if (!(pf & ML_PORT_INCLUDE)) {
+		if (cidr_match(netns, ML_CIDR_EXCLUDE, &d->orig.addr)) {
+			count(ML_CNT_PASS_OUT_CIDR_EXCLUDED);
+			return V_PASS;
+		}
+		if (!(src->flags & ML_POD_OUTBOUND_ALL_CIDRS) &&
+		    !cidr_match(netns, ML_CIDR_INCLUDE, &d->orig.addr)) {
+			count(ML_CNT_PASS_OUT_CIDR_NOT_INCLUDED);
+			return V_PASS;
+		}
+	}
+	d->orig.kind = ML_REDIRECT_OUTBOUND;
+	d->orig.listener_netns = netns;
+	d->new_port = src->outbound_port;
+	return V_OUTBOUND;
+}
+
+static __always_inline int decide(struct bpf_sock_addr *ctx, struct decision *d)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct ml_pod *src = bpf_map_lookup_elem(&meshlane_pods, &netns);
+	__u64 *dst_netns_p = bpf_map_lookup_elem(&meshlane_podips, &d->orig.addr);
+	__u64 dst_netns = dst_netns_p ? *dst_netns_p : 0;
+	struct ml_pod *dst = NULL;
+
+	if (dst_netns)
+		dst = bpf_map_lookup_elem(&meshlane_pods, &dst_netns);
+
+	if (!src) {
+		/* Host processes and pods that are not meshed: only rule 2. */
+		if (dst)
+			return decide_inbound(d, dst_netns, dst);
+		count(ML_CNT_PASS_NOT_MESHED);
+		return V_PASS;
+	}
+
+	__u64 ugid = bpf_get_current_uid_gid();
+	__u32 uid = (__u32)ugid, gid = (__u32)(ugid >> 32);
+
+	if (uid == src->proxy_uid || gid == src->proxy_gid) {
+		/* The sidecar itself: never back to its own pod (inbound
+		 * passthrough from 127.0.0.6 included), never to its own
+		 * outbound listener; to another meshed pod, rule 2. */
+		if (dst_netns == netns) {
+			count(ML_CNT_PASS_PROXY_OWN_POD);
+			return V_PASS;
+		}
+		if (dst)
+			return decide_inbound(d, dst_netns, dst);
+		count(ML_CNT_PASS_PROXY_UPSTREAM);
+		return V_PASS;
+	}
+	if (addr_is_loopback(&d->orig.addr)) {
+		count(ML_CNT_PASS_LOOPBACK);
+		return V_PASS;
+	}
+	if (dst_netns == netns) {
+		count(ML_CNT_PASS_OWN_POD);
+		return V_PASS;
+	}
+	return decide_outbound(d, netns, src);
+}
+
+/* Keeps the original destination on the socket for sockops to publish once
+ * the source port is chosen. Without it the sidecar could not learn where the
+ * connection was going, so the connection is left alone (and counted). */
+static __always_inline int remember(struct bpf_sock_addr *ctx,
+				    const struct decision *d)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct ml_origdst *o;
+
+	if (!sk)
+		return -1;
+	o = bpf_sk_storage_get(&meshlane_sks, sk, 0,
+			       BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o) {
+		count(ML_CNT_STORAGE_FAILED);
+		return -1;
+	}
+	*o = d->orig;
+	return 0;
+}
+
+SEC("cgroup/connect4")
+int meshlane_connect4(struct bpf_sock_addr *ctx)
+{
+	struct decision d = {};
+	int v;
+
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
+		count(ML_CNT_PASS_NOT_TCP);
+		return 1;
+	}
+	addr_v4(&d.orig.addr, ctx->user_ip4);
+	d.orig.port = bpf_ntohs((__u16)ctx->user_port);
+
+	v = decide(ctx, &d);
+	if (v == V_PASS || remember(ctx, &d))
+		return 1;
+	if (v == V_OUTBOUND) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		count(ML_CNT_REDIRECT_OUTBOUND);
+	} else {
+		count(ML_CNT_REDIRECT_INBOUND);
+	}
+	ctx->user_port = bpf_htons(d.new_port);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int meshlane_connect6(struct bpf_sock_addr *ctx)
+{
+	struct decision d = {};
+	int v;
+
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
+		count(ML_CNT_PASS_NOT_TCP);
+		return 1;
+	}
+	/* IPv4-mapped destinations of dual-stack sockets arrive here too and
+	 * are already in the map-key form. */
+	d.orig.addr.w[0] = ctx->user_ip6[0];
+	d.orig.addr.w[1] = ctx->user_ip6[1];
+	d.orig.addr.w[2] = ctx->user_ip6[2];
+	d.orig.addr.w[3] = ctx->user_ip6[3];
+	d.orig.port = bpf_ntohs((__u16)ctx->user_port);
+
+	v = decide(ctx, &d);
+	if (v == V_PASS || remember(ctx, &d))
+		return 1;
+	if (v == V_OUTBOUND) {
+		if (addr_is_v4(&d.orig.addr)) {
+			ctx->user_ip6[0] = 0;
+			ctx->user_ip6[1] = 0;
+			ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+			ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+		} else {
+			ctx->user_ip6[0] = 0;
+			ctx->user_ip6[1] = 0;
+			ctx->user_ip6[2] = 0;
+			ctx->user_ip6[3] = bpf_htonl(1);
+		}
+		count(ML_CNT_REDIRECT_OUTBOUND);
+	} else {
+		count(ML_CNT_REDIRECT_INBOUND);
+	}
+	ctx->user_port = bpf_htons(d.new_port);
+	return 1;
+}
+
+/* Loads an address from a context's ip4 and ip6 fields into map form.
+ * Both are read, as volatile loads, whatever the family, and the value is
+ * chosen afterwards: otherwise clang chooses between the fields' addresses
+ * and emits pointer arithmetic on the context, which the verifier refuses. */
+#define CTX_LOAD(p) (*(volatile __u32 *)&(p))
+#define CTX_ADDR(a, is_v4, ctx, f4, f6)                                      \
+	do {                                                                 \
+		__u32 _v4 = CTX_LOAD((ctx)->f4);                             \
+		__u32 _w0 = CTX_LOAD((ctx)->f6[0]);                          \
+		__u32 _w1 = CTX_LOAD((ctx)->f6[1]);                          \
+		__u32 _w2 = CTX_LOAD((ctx)->f6[2]);                          \
+		__u32 _w3 = CTX_LOAD((ctx)->f6[3]);                          \
+		if (is_v4) {                                                 \
+			addr_v4((a), _v4);                                   \
+		} else {                                                     \
+			(a)->w[0] = _w0;                                     \
+			(a)->w[1] = _w1;                                     \
+			(a)->w[2] = _w2;                                     \
+			(a)->w[3] = _w3;                                     \
+		}                                                            \
+	} while (0)
+
+static __always_inline void skops_local(struct bpf_sock_ops *skops,
+					struct ml_addr *a)
+{
+	CTX_ADDR(a, skops->family == AF_INET, skops, local_ip4, local_ip6);
+}
+
+static __always_inline void skops_remote(struct bpf_sock_ops *skops,
+					 struct ml_addr *a)
+{
+	CTX_ADDR(a, skops->family == AF_INET, skops, remote_ip4, remote_ip6);
+}
+
+/* Client side of a redirected connection, source port now chosen: publish
+ * the original destination under the connection's tuple for the listener's
+ * getsockopt, and ask for state callbacks so it is removed on close. */
+static __always_inline void publish_origdst(struct bpf_sock_ops *skops,
+					    int closing)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct ml_origdst *o;
+	struct ml_tuple t = {};
+
+	if (!sk)
+		return;
+	o = bpf_sk_storage_get(&meshlane_sks, sk, 0, 0);
+	if (!o)
+		return;
+	t.netns = o->listener_netns;
+	skops_local(skops, &t.src);
+	skops_remote(skops, &t.dst);
+	t.src_port = (__u16)skops->local_port;
+	t.dst_port = port_from_net32(skops->remote_port);
+
+	if (closing) {
+		bpf_map_delete_elem(&meshlane_origdst, &t);
+		return;
+	}
+	if (bpf_map_update_elem(&meshlane_origdst, &t, o, BPF_ANY)) {
+		count(ML_CNT_ORIGDST_RECORD_FAILED);
+		return;
+	}
+	count(ML_CNT_ORIGDST_RECORDED);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						 BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* Listener side of a redirected connection, just accepted: move the
+ * original destination from the tuple-keyed map onto the accepted socket,
+ * where getsockopt finds it without a lookup by address and where it dies
+ * with the socket. */
+static __always_inline void adopt_origdst(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct ml_origdst *o, *mine;
+	struct ml_tuple t = {};
+
+	if (!sk)
+		return;
+	t.netns = bpf_get_netns_cookie(skops);
+	skops_remote(skops, &t.src);
+	skops_local(skops, &t.dst);
+	t.src_port = port_from_net32(skops->remote_port);
+	t.dst_port = (__u16)skops->local_port;
+
+	o = bpf_map_lookup_elem(&meshlane_origdst, &t);
+	if (!o)
+		return;
+	mine = bpf_sk_storage_get(&meshlane_sks, sk, 0,
+				  BPF_SK_STORAGE_GET_F_CREATE);
+	if (!mine) {
+		count(ML_CNT_STORAGE_FAILED);
+		return;
+	}
+	*mine = *o;
+	bpf_map_delete_elem(&meshlane_origdst, &t);
+	count(ML_CNT_ORIGDST_ADOPTED);
+}
+
+/* Both ends of a connection between meshed pods of this node (app <->
+ * sidecar over loopback, sidecar <-> sidecar across pods) go into the
+ * sockhash so sk_msg can hand bytes across. */
+static __always_inline void accelerate(struct bpf_sock_ops *skops)
+{
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct ml_tuple t = {};
+
+	if (!bpf_map_lookup_elem(&meshlane_pods, &netns))
+		return;
+	skops_local(skops, &t.src);
+	skops_remote(skops, &t.dst);
+	if (addr_is_loopback(&t.src) || addr_is_loopback(&t.dst))
+		t.netns = netns;
+	else if (!bpf_map_lookup_elem(&meshlane_podips, &t.dst))
+		return;
+	t.src_port = (__u16)skops->local_port;
+	t.dst_port = port_from_net32(skops->remote_port);
+
+	if (bpf_sock_hash_update(skops, &meshlane_sockh, &t, BPF_ANY))
+		count(ML_CNT_SOCKHASH_INSERT_FAILED);
+	else
+		count(ML_CNT_SOCKHASH_INSERTED);
+}
+
+SEC("sockops")
+int meshlane_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->family != AF_INET && skops->family != AF_INET6)
+		return 1;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		publish_origdst(skops, 0);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			publish_origdst(skops, 1);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		adopt_origdst(skops);
+		if (enable_sockmap)
+			accelerate(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (enable_sockmap)
+			accelerate(skops);
+		break;
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int meshlane_sk_msg(struct sk_msg_md *msg)
+{
+	struct ml_tuple peer = {};
+	__u32 size = msg->size;
+
+	/* The peer's own end is our remote end. */
+	CTX_ADDR(&peer.src, msg->family == AF_INET, msg, remote_ip4, remote_ip6);
+	CTX_ADDR(&peer.dst, msg->family == AF_INET, msg, local_ip4, local_ip6);
+	peer.src_port = port_from_net32(msg->remote_port);
+	peer.dst_port = (__u16)msg->local_port;
+	if (addr_is_loopback(&peer.src) || addr_is_loopback(&peer.dst))
+		peer.netns = bpf_get_netns_cookie(msg);
+
+	/* The helper returns SK_DROP when the peer is not in the map; the
+	 * program's own SK_PASS then sends the bytes the normal way. */
+	if (bpf_msg_redirect_hash(msg, &meshlane_sockh, &peer, BPF_F_INGRESS) ==
+	    SK_PASS) {
+		count(ML_CNT_MSG_REDIRECTED);
+		count_n(ML_CNT_MSG_REDIRECTED_BYTES, size);
+	} else {
+		count(ML_CNT_MSG_PEER_MISSING);
+	}
+	return SK_PASS;
+}
+
+/* Answers the sidecar's SO_ORIGINAL_DST for connections meshlane redirected
+ * and leaves every other getsockopt exactly as the kernel answered it. */
+SEC("cgroup/getsockopt")
+int meshlane_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk;
+	struct ml_origdst *o;
+
+	if (ctx->optname != SO_ORIGINAL_DST ||
+	    (ctx->level != SOL_IP && ctx->level != SOL_IPV6)) {
+		/* The program sees at most one page of a larger optval:
+		 * optlen 0 tells the kernel to keep its own answer. */
+		if (ctx->optlen > (__s32)page_size)
+			ctx->optlen = 0;
+		return 1;
+	}
+	sk = ctx->sk;
+	if (!sk)
+		return 1;
+	o = bpf_sk_storage_get(&meshlane_sks, sk, 0, 0);
+	if (!o) {
+		count(ML_CNT_ORIGDST_MISSED);
+		return 1;
+	}
+
+	if (ctx->level == SOL_IP) {
+		struct {
+			__u16 family;
+			__u16 port;
+			__u32 addr;
+			__u8 zero[8];
+		} *sin = ctx->optval;
+
+		if (!addr_is_v4(&o->addr)) {
+			count(ML_CNT_ORIGDST_MISSED);
+			return 1;
+		}
+		if ((void *)(sin + 1) > ctx->optval_end) {
+			count(ML_CNT_ORIGDST_SHORT_BUFFER);
+			return 1;
+		}
+		sin->family = AF_INET;
+		sin->port = bpf_htons(o->port);
+		sin->addr = o->addr.w[3];
+		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct {
+			__u16 family;
+			__u16 port;
+			__u32 flowinfo;
+			__u32 addr[4];
+			__u32 scope_id;
+		} *sin6 = ctx->optval;
+
+		if ((void *)(sin6 + 1) > ctx->optval_end) {
+			count(ML_CNT_ORIGDST_SHORT_BUFFER);
+			return 1;
+		}
+		sin6->family = AF_INET6;
+		sin6->port = bpf_htons(o->port);
+		sin6->flowinfo = 0;
+		sin6->addr[0] = o->addr.w[0];
+		sin6->addr[1] = o->addr.w[1];
+		sin6->addr[2] = o->addr.w[2];
+		sin6->addr[3] = o->addr.w[3];
+		sin6->scope_id = 0;
+		ctx->optlen = sizeof(*sin6);
+	}
+	ctx->retval = 0;
+	count(ML_CNT_ORIGDST_ANSWERED);
+	return 1;
+}

@@ -1,0 +1,333 @@
+// Package datapath loads meshlane's eBPF programs, pins their maps and links
+// under a bpffs directory so they outlive the agent, attaches them to a
+// cgroup v2 with bpf links (which coexist with other programs on the same
+// cgroup), and writes pods into the maps.
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshlane/meshlane/bpf"
+)
+
+// DefaultBPFFS is where the agent pins its state on a node.
+const DefaultBPFFS = "/sys/fs/bpf/meshlane"
+
+// LayoutVersion names the pinned maps' directory. Bump it whenever a map's
+// key or value layout changes in bpf/meshlane.c: pinned maps are only checked
+// for type and sizes on reuse, never for the meaning of their bytes, so a new
+// layout must never open an old pin. TestLayoutVersion guards it.
+const LayoutVersion = 1
+
+// Options configure Load.
+type Options struct {
+	// BPFFS is the pin directory on a bpf filesystem (DefaultBPFFS).
+	BPFFS string
+	// CgroupPath is the cgroup v2 directory the programs attach to; every
+	// process below it is covered.
+	CgroupPath string
+	// Sockmap turns on the sockops/sk_msg short-circuit.
+	Sockmap bool
+	// Logger may be nil.
+	Logger *zap.Logger
+}
+
+// Datapath is the loaded, attached and pinned datapath.
+type Datapath struct {
+	opts  Options
+	objs  bpf.MeshlaneObjects
+	links map[string]link.Link
+
+	// mu serializes pod writes; written remembers, per netns cookie, the
+	// keys written for that pod so an update or delete removes exactly the
+	// stale ones. It is rebuilt from the pinned maps at load.
+	mu      sync.Mutex
+	written map[uint64]*podKeys
+
+	counterNames []string
+}
+
+// Link names, also their pin file names.
+const (
+	linkConnect4   = "connect4"
+	linkConnect6   = "connect6"
+	linkSockops    = "sockops"
+	linkGetsockopt = "getsockopt"
+	linkSkMsg      = "sk_msg"
+)
+
+func (o Options) mapsDir() string {
+	return filepath.Join(o.BPFFS, fmt.Sprintf("maps-v%d", LayoutVersion))
+}
+
+func (o Options) linksDir() string { return filepath.Join(o.BPFFS, "links") }
+
+// Load probes the kernel, loads the programs (reusing pinned maps, so a
+// restart keeps every pod and connection record), attaches or atomically
+// updates the pinned links, and returns the running datapath.
+func Load(opts Options) (*Datapath, error) {
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.BPFFS == "" {
+		opts.BPFFS = DefaultBPFFS
+	}
+	if opts.CgroupPath == "" {
+		return nil, errors.New("datapath: no cgroup path given: pass the cgroup v2 directory to attach to (e.g. the cgroup2 mount root)")
+	}
+	if err := CheckKernel(); err != nil {
+		return nil, err
+	}
+	if err := checkBPFFS(filepath.Dir(filepath.Clean(opts.BPFFS))); err != nil {
+		return nil, err
+	}
+	for _, dir := range []string{opts.mapsDir(), opts.linksDir()} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("datapath: create pin directory %s: %w", dir, err)
+		}
+	}
+
+	spec, err := bpf.LoadMeshlane()
+	if err != nil {
+		return nil, fmt.Errorf("datapath: read embedded programs: %w", err)
+	}
+	if err := spec.Variables["page_size"].Set(uint32(os.Getpagesize())); err != nil {
+		return nil, fmt.Errorf("datapath: set page_size: %w", err)
+	}
+	if err := spec.Variables["enable_sockmap"].Set(boolByte(opts.Sockmap)); err != nil {
+		return nil, fmt.Errorf("datapath: set enable_sockmap: %w", err)
+	}
+	for name, m := range spec.Maps {
+		if name == ".rodata" {
+			continue
+		}
+		m.Pinning = ebpf.PinByName
+	}
+	names, err := counterNames(spec)
+	if err != nil {
+		return nil, err
+	}
+
+	d := &Datapath{opts: opts, links: map[string]link.Link{}, counterNames: names}
+	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: opts.mapsDir()},
+	})
+	if err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("datapath: the kernel's verifier rejected a program (kernel too old or unsupported?): %+v", ve)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("datapath: a pinned map under %s has another layout: %w (remove the directory with `meshlane-agent uninstall` or bump LayoutVersion)", opts.mapsDir(), err)
+		}
+		return nil, fmt.Errorf("datapath: load programs: %w", err)
+	}
+	if err := d.attach(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := d.loadWritten(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	opts.Logger.Info("datapath attached",
+		zap.String("cgroup", opts.CgroupPath),
+		zap.String("bpffs", opts.BPFFS),
+		zap.Bool("sockmap", opts.Sockmap),
+		zap.Int("pods", len(d.written)))
+	return d, nil
+}
+
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// checkBPFFS makes sure pins land on a bpf filesystem, where they outlive
+// the process, and not on a plain directory where pinning fails obscurely.
+func checkBPFFS(dir string) error {
+	for d := dir; ; d = filepath.Dir(d) {
+		var st unix.Statfs_t
+		if err := unix.Statfs(d, &st); err == nil {
+			if st.Type != unix.BPF_FS_MAGIC {
+				return fmt.Errorf("datapath: %s is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or pass --bpffs on one", dir)
+			}
+			return nil
+		} else if !errors.Is(err, unix.ENOENT) || d == "/" {
+			return fmt.Errorf("datapath: check bpffs at %s: %w", d, err)
+		}
+	}
+}
+
+// attach attaches every program to the cgroup with a pinned bpf link, or,
+// where a pinned link already exists (agent restart or upgrade), swaps the
+// program in that link atomically so redirection never stops.
+func (d *Datapath) attach() error {
+	cg := []struct {
+		name string
+		prog *ebpf.Program
+		typ  ebpf.AttachType
+	}{
+		{linkGetsockopt, d.objs.MeshlaneGetsockopt, ebpf.AttachCGroupGetsockopt},
+		{linkConnect4, d.objs.MeshlaneConnect4, ebpf.AttachCGroupInet4Connect},
+		{linkConnect6, d.objs.MeshlaneConnect6, ebpf.AttachCGroupInet6Connect},
+	}
+	cgroupID, err := cgroupID(d.opts.CgroupPath)
+	if err != nil {
+		return err
+	}
+	// sk_msg before sockops: a socket copies the sockhash's programs when it
+	// is inserted, so the verdict program must be there first.
+	if err := d.attachSkMsg(); err != nil {
+		return err
+	}
+	for _, c := range cg {
+		if err := d.attachCgroup(c.name, c.prog, c.typ, cgroupID); err != nil {
+			return err
+		}
+	}
+	return d.attachCgroup(linkSockops, d.objs.MeshlaneSockops, ebpf.AttachCGroupSockOps, cgroupID)
+}
+
+func cgroupID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("datapath: cgroup %s: %w (pass the cgroup v2 directory to attach to)", path, err)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		return 0, fmt.Errorf("datapath: cgroup %s: %w", path, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, fmt.Errorf("datapath: %s is not a cgroup v2 directory (look for the cgroup2 mount in /proc/self/mountinfo)", path)
+	}
+	return st.Ino, nil
+}
+
+func (d *Datapath) attachCgroup(name string, prog *ebpf.Program, typ ebpf.AttachType, cgroupID uint64) error {
+	pin := filepath.Join(d.opts.linksDir(), name)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		info, ierr := l.Info()
+		if ierr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == cgroupID {
+			if err := l.Update(prog); err != nil {
+				l.Close()
+				return fmt.Errorf("datapath: update pinned %s link: %w", name, err)
+			}
+			d.links[name] = l
+			return nil
+		}
+		// Pinned for another cgroup (the flag changed): replace it.
+		d.opts.Logger.Warn("pinned link is attached to another cgroup; re-attaching", zap.String("link", name))
+		if err := l.Unpin(); err != nil {
+			l.Close()
+			return fmt.Errorf("datapath: unpin stale %s link: %w", name, err)
+		}
+		l.Close()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("datapath: open pinned %s link %s: %w (remove it to re-attach)", name, pin, err)
+	}
+
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: d.opts.CgroupPath, Attach: typ, Program: prog})
+	if err != nil {
+		return fmt.Errorf("datapath: attach %s to cgroup %s: %w", name, d.opts.CgroupPath, err)
+	}
+	if err := l.Pin(pin); err != nil {
+		l.Close()
+		return fmt.Errorf("datapath: pin %s link at %s: %w", name, pin, err)
+	}
+	d.links[name] = l
+	return nil
+}
+
+// attachSkMsg attaches (or, with Sockmap off, removes) the sk_msg program on
+// the sockhash. Kernels since 6.10 give it a bpf link that can be pinned and
+// updated; older ones fall back to a plain attach, which lives as long as the
+// pinned sockhash.
+func (d *Datapath) attachSkMsg() error {
+	pin := filepath.Join(d.opts.linksDir(), linkSkMsg)
+	old, err := link.LoadPinnedLink(pin, nil)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("datapath: open pinned sk_msg link %s: %w (remove it to re-attach)", pin, err)
+	}
+	if !d.opts.Sockmap {
+		if old != nil {
+			err := old.Unpin()
+			old.Close()
+			if err != nil {
+				return fmt.Errorf("datapath: remove sk_msg link: %w", err)
+			}
+		}
+		return nil
+	}
+	if old != nil {
+		if err := old.Update(d.objs.MeshlaneSkMsg); err != nil {
+			old.Close()
+			return fmt.Errorf("datapath: update pinned sk_msg link: %w", err)
+		}
+		d.links[linkSkMsg] = old
+		return nil
+	}
+	l, err := link.AttachRawLink(link.RawLinkOptions{
+		Target:  d.objs.MeshlaneSockh.FD(),
+		Program: d.objs.MeshlaneSkMsg,
+		Attach:  ebpf.AttachSkMsgVerdict,
+	})
+	if err != nil {
+		// No bpf link for sockmaps before 6.10.
+		rerr := link.RawAttachProgram(link.RawAttachProgramOptions{
+			Target:  d.objs.MeshlaneSockh.FD(),
+			Program: d.objs.MeshlaneSkMsg,
+			Attach:  ebpf.AttachSkMsgVerdict,
+		})
+		if rerr != nil {
+			return fmt.Errorf("datapath: attach sk_msg to the sockhash: %w (link: %v); start with the short-circuit off", rerr, err)
+		}
+		return nil
+	}
+	if err := l.Pin(pin); err != nil {
+		l.Close()
+		return fmt.Errorf("datapath: pin sk_msg link: %w", err)
+	}
+	d.links[linkSkMsg] = l
+	return nil
+}
+
+// Close releases this process's handles. Pinned maps and links stay, so the
+// datapath keeps redirecting until the next agent takes over: a restart is
+// not an uninstall.
+func (d *Datapath) Close() error {
+	var errs []error
+	for _, l := range d.links {
+		errs = append(errs, l.Close())
+	}
+	errs = append(errs, d.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Uninstall detaches every program and removes every pin, then closes.
+// Connections already redirected keep working; new ones take the normal path.
+func (d *Datapath) Uninstall() error {
+	var errs []error
+	for name, l := range d.links {
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", name, err))
+		}
+	}
+	errs = append(errs, d.Close())
+	errs = append(errs, os.RemoveAll(d.opts.mapsDir()), os.RemoveAll(d.opts.linksDir()))
+	if err := os.Remove(d.opts.BPFFS); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
