@@ -1,0 +1,85 @@
+package testenv
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+)
+
+// Main runs the tests, removes the podbin build and fails the run if
+// anything this process created is still there. Call it from TestMain.
+func Main(m *testing.M) {
+	code := m.Run()
+	if err := removePodbin(); err != nil {
+		fmt.Fprintf(os.Stderr, "testenv: remove podbin build: %v\n", err)
+	}
+	left, err := Leftovers()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "testenv: check for leftovers: %v\n", err)
+		code = max(code, 1)
+	}
+	if len(left) > 0 {
+		fmt.Fprintf(os.Stderr, "testenv: this run left behind (a cleanup is missing or failed):\n  %s\n", strings.Join(left, "\n  "))
+		code = max(code, 1)
+	}
+	os.Exit(code)
+}
+
+// Leftovers lists what this process made and did not remove: netns files,
+// links, cgroups, temporary directories and mounts carrying its run ID.
+func Leftovers() ([]string, error) {
+	var left []string
+	matches, err := filepath.Glob(filepath.Join(NetnsDir, runPrefix()+"*"))
+	if err != nil {
+		return nil, err
+	}
+	left = append(left, matches...)
+
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, linkRunPrefix()) {
+			left = append(left, "link "+l.Attrs().Name)
+		}
+	}
+
+	if mnt, err := Cgroup2Mount(); err == nil {
+		matches, err := filepath.Glob(filepath.Join(mnt, runPrefix()+"*"))
+		if err != nil {
+			return nil, err
+		}
+		left = append(left, matches...)
+	}
+
+	matches, err = filepath.Glob(filepath.Join(os.TempDir(), runPrefix()+"*"))
+	if err != nil {
+		return nil, err
+	}
+	left = append(left, matches...)
+
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("read mounts: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 && strings.Contains(fields[4], runPrefix()) {
+			left = append(left, "mount "+unescapeMountinfo(fields[4]))
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read mounts: %w", err)
+	}
+	slices.Sort(left)
+	return slices.Compact(left), nil
+}
