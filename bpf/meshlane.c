@@ -119,8 +119,8 @@ struct ml_origdst {
 
 /* A TCP connection. In meshlane_origdst: src is the client, dst the
  * listener, netns the listener's. In meshlane_sockhash: src is the socket's
- * own end, dst its peer, netns the pod's cookie for loopback connections and
- * 0 otherwise (pod IPs are unique on the node, loopback addresses are not). */
+ * own end, dst its peer, netns the pod's cookie for connections inside one
+ * pod and 0 otherwise (pod IPs are unique on the node, loopback is not). */
 struct ml_tuple {
 	__u64 netns;
 	struct ml_addr src;
@@ -267,6 +267,17 @@ static __always_inline int addr_is_loopback(const struct ml_addr *a)
 		return (bpf_ntohl(a->w[3]) >> 24) == 127;
 	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == 0 &&
 	       a->w[3] == bpf_htonl(1);
+}
+
+/* Addresses that only exist inside one network namespace: loopback, and
+ * ::6, which Istio puts on lo as the IPv6 source of its inbound passthrough
+ * (127.0.0.6 is loopback already). A connection using one never leaves its
+ * pod, so its sockhash key is scoped to the pod's netns. */
+static __always_inline int addr_is_pod_local(const struct ml_addr *a)
+{
+	return addr_is_loopback(a) ||
+	       (a->w[0] == 0 && a->w[1] == 0 && a->w[2] == 0 &&
+		a->w[3] == bpf_htonl(6));
 }
 
 /* Ports in the remote_port/dst_port fields of sock_ops and sk_msg are in
@@ -607,7 +618,7 @@ static __always_inline void accelerate(struct bpf_sock_ops *skops)
 		return;
 	skops_local(skops, &t.src);
 	skops_remote(skops, &t.dst);
-	if (addr_is_loopback(&t.src) || addr_is_loopback(&t.dst))
+	if (addr_is_pod_local(&t.src) || addr_is_pod_local(&t.dst))
 		t.netns = netns;
 	else if (!bpf_map_lookup_elem(&meshlane_podips, &t.dst))
 		return;
@@ -658,7 +669,7 @@ int meshlane_sk_msg(struct sk_msg_md *msg)
 	CTX_ADDR(&peer.dst, msg->family == AF_INET, msg, local_ip4, local_ip6);
 	peer.src_port = port_from_net32(msg->remote_port);
 	peer.dst_port = (__u16)msg->local_port;
-	if (addr_is_loopback(&peer.src) || addr_is_loopback(&peer.dst))
+	if (addr_is_pod_local(&peer.src) || addr_is_pod_local(&peer.dst))
 		peer.netns = bpf_get_netns_cookie(msg);
 
 	/* The helper returns SK_DROP when the peer is not in the map; the
@@ -684,7 +695,8 @@ int meshlane_getsockopt(struct bpf_sockopt *ctx)
 	if (ctx->optname != SO_ORIGINAL_DST ||
 	    (ctx->level != SOL_IP && ctx->level != SOL_IPV6)) {
 		/* The program sees at most one page of a larger optval:
-		 * optlen 0 tells the kernel to keep its own answer. */
+		 * optlen 0 tells the kernel to keep its own answer. (Kernels
+		 * since 6.5 keep it anyway; older ones fail with EFAULT.) */
 		if (ctx->optlen > (__s32)page_size)
 			ctx->optlen = 0;
 		return 1;
