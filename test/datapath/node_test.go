@@ -1,0 +1,289 @@
+// Package datapath_test proves the eBPF datapath on real sockets: pods in
+// network namespaces on a bridge, their processes in a test cgroup with the
+// programs attached, a test sidecar that behaves like Envoy, and app
+// clients and servers whose replies show which path each connection took.
+package datapath_test
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshlane/meshlane/daemon/datapath"
+	"github.com/meshlane/meshlane/daemon/mesh"
+	"github.com/meshlane/meshlane/test/podbin/wire"
+	"github.com/meshlane/meshlane/test/testenv"
+)
+
+func TestMain(m *testing.M) {
+	// The test binary doubles as the probes run inside a pod.
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case hazardProbeArg:
+			runHazardProbe()
+			return
+		case sockoptProbeArg:
+			runSockoptProbe()
+			return
+		}
+	}
+	testenv.Main(m)
+}
+
+// appUID runs the test apps: any uid but the proxy's.
+const appUID = 1000
+
+// node is one simulated node: a cgroup with the datapath attached, a
+// private bpffs and a bridge for its pods.
+type node struct {
+	t   *testing.T
+	cg  *testenv.Cgroup
+	dp  *datapath.Datapath
+	br  *testenv.Bridge
+	bin string
+	n   int
+}
+
+// nodes numbers the nodes of this test binary: bridge names must differ.
+var nodes int
+
+func newNode(t *testing.T, sockmap bool) *node {
+	t.Helper()
+	testenv.RequireRoot(t)
+	cg := testenv.TempCgroup(t)
+	bpffs := testenv.BPFFS(t)
+	dp, err := datapath.Load(datapath.Options{BPFFS: filepath.Join(bpffs, "meshlane"), CgroupPath: cg.Path, Sockmap: sockmap})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := dp.Uninstall(); err != nil {
+			t.Errorf("uninstall datapath: %v", err)
+		}
+	})
+	v4, v6, err := testenv.FreeSubnets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodes++
+	br := testenv.NewBridge(t, fmt.Sprintf("dp%d", nodes), v4, v6)
+	return &node{t: t, cg: cg, dp: dp, br: br, bin: testenv.BuildPodbin(t)}
+}
+
+// pod makes a dual-stack pod on the node's bridge.
+func (n *node) pod(label string) *testenv.Pod {
+	n.t.Helper()
+	n.n++
+	v4, v6 := n.br.Addr(10 + n.n)
+	return testenv.NewPod(n.t, n.br, label, v4, v6)
+}
+
+func podIPs(p *testenv.Pod) []netip.Addr {
+	var ips []netip.Addr
+	for _, a := range []netip.Addr{p.IPv4, p.IPv6} {
+		if a.IsValid() {
+			ips = append(ips, a)
+		}
+	}
+	return ips
+}
+
+// mesh marks a pod as injected by prof's mesh with extra annotations and
+// writes it into the datapath, as the agent does at CNI ADD.
+func (n *node) mesh(p *testenv.Pod, prof mesh.Profile, ann map[string]string) datapath.Pod {
+	n.t.Helper()
+	all := map[string]string{prof.Marker: "{}"}
+	for k, v := range ann {
+		all[k] = v
+	}
+	d, err := mesh.Decide(all, prof)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	if d.Membership != mesh.Meshed {
+		n.t.Fatalf("pod %s: decided %v, want meshed", p.Name, d.Membership)
+	}
+	dp := d.Settings.Pod(p.NetnsCookie, podIPs(p))
+	if err := n.dp.UpsertPod(dp); err != nil {
+		n.t.Fatal(err)
+	}
+	return dp
+}
+
+// sidecar starts the test sidecar in p as the profile's proxy user and
+// returns its event file.
+func (n *node) sidecar(p *testenv.Pod, prof mesh.Profile, extra ...string) string {
+	n.t.Helper()
+	dir := testenv.ScratchDir(n.t)
+	events, ready := filepath.Join(dir, "events"), filepath.Join(dir, "ready")
+	args := []string{n.bin, "sidecar", "--events", events, "--ready", ready}
+	if prof.Name == mesh.Linkerd.Name {
+		args = append(args, "--outbound", "127.0.0.1:4140,[::1]:4140", "--inbound", "0.0.0.0:4143,[::]:4143")
+	}
+	args = append(args, extra...)
+	p.Start(n.t, testenv.ProcOpts{UID: prof.ProxyUID, GID: prof.ProxyGID, Cgroup: n.cg, Args: args})
+	if err := testenv.WaitFile(ready, 10*time.Second); err != nil {
+		n.t.Fatalf("sidecar in %s: %v", p.Name, err)
+	}
+	return events
+}
+
+// server starts an app server in p listening on every port given.
+func (n *node) server(p *testenv.Pod, name string, ports ...int) {
+	n.t.Helper()
+	var ls []string
+	for _, port := range ports {
+		ls = append(ls, fmt.Sprintf("0.0.0.0:%d", port), fmt.Sprintf("[::]:%d", port))
+	}
+	ready := filepath.Join(testenv.ScratchDir(n.t), "ready")
+	p.Start(n.t, testenv.ProcOpts{UID: appUID, GID: appUID, Cgroup: n.cg,
+		Args: []string{n.bin, "server", "--name", name, "--listen", strings.Join(ls, ","), "--ready", ready}})
+	if err := testenv.WaitFile(ready, 10*time.Second); err != nil {
+		n.t.Fatalf("server in %s: %v", p.Name, err)
+	}
+}
+
+// where runs a client: in a pod (p != nil) or on the host inside the test
+// cgroup (p == nil).
+type where struct {
+	pod      *testenv.Pod
+	uid, gid uint32
+	// outside: a host process outside the test cgroup.
+	outside bool
+}
+
+func app(p *testenv.Pod) where { return where{pod: p, uid: appUID, gid: appUID} }
+func proxy(p *testenv.Pod, prof mesh.Profile) where {
+	return where{pod: p, uid: prof.ProxyUID, gid: prof.ProxyGID}
+}
+func host() where { return where{uid: appUID, gid: appUID} }
+
+// client runs podbin client with args and returns its results; it fails
+// the test if any connection failed.
+func (n *node) client(w where, to string, args ...string) []wire.ClientResult {
+	n.t.Helper()
+	res, err := n.tryClient(w, to, args...)
+	if err != nil {
+		n.t.Fatalf("client to %s: %v (results %+v)", to, err, res)
+	}
+	return res
+}
+
+func (n *node) tryClient(w where, to string, args ...string) ([]wire.ClientResult, error) {
+	n.t.Helper()
+	out, err := os.CreateTemp(n.t.TempDir(), "client-*")
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	defer out.Close()
+	opts := testenv.ProcOpts{UID: w.uid, GID: w.gid, Cgroup: n.cg, Stdout: out,
+		Args: append([]string{n.bin, "client", "--to", to, "--timeout", "5s"}, args...)}
+	var proc *testenv.Proc
+	switch {
+	case w.pod != nil:
+		proc = w.pod.Start(n.t, opts)
+	case w.outside:
+		opts.Cgroup = nil
+		proc = testenv.StartUncontained(n.t, opts)
+	default:
+		proc = testenv.StartHost(n.t, opts)
+	}
+	werr := proc.Wait(60 * time.Second)
+	res := readResults(n.t, out.Name())
+	if werr != nil {
+		return res, werr
+	}
+	if len(res) == 0 {
+		return res, fmt.Errorf("client printed no result")
+	}
+	return res, nil
+}
+
+func readResults(t *testing.T, path string) []wire.ClientResult {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var res []wire.ClientResult
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var r wire.ClientResult
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatalf("client output %q: %v", sc.Text(), err)
+		}
+		res = append(res, r)
+	}
+	return res
+}
+
+// reply parses the server's answer "<name> remote=<ip:port> local=<ip:port>".
+type reply struct {
+	name          string
+	remote, local netip.AddrPort
+}
+
+func parseReply(t *testing.T, s string) reply {
+	t.Helper()
+	f := strings.Fields(s)
+	if len(f) != 3 || !strings.HasPrefix(f[1], "remote=") || !strings.HasPrefix(f[2], "local=") {
+		t.Fatalf("unexpected server reply %q", s)
+	}
+	r := reply{name: f[0]}
+	var err error
+	if r.remote, err = netip.ParseAddrPort(strings.TrimPrefix(f[1], "remote=")); err != nil {
+		t.Fatal(err)
+	}
+	if r.local, err = netip.ParseAddrPort(strings.TrimPrefix(f[2], "local=")); err != nil {
+		t.Fatal(err)
+	}
+	r.remote = netip.AddrPortFrom(r.remote.Addr().Unmap(), r.remote.Port())
+	r.local = netip.AddrPortFrom(r.local.Addr().Unmap(), r.local.Port())
+	return r
+}
+
+// sidecarEvents returns the accepted-connection events of a sidecar.
+func sidecarEvents(t *testing.T, path string) []wire.SidecarEvent {
+	t.Helper()
+	all, err := testenv.ReadEvents[wire.SidecarEvent](path)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var out []wire.SidecarEvent
+	for _, e := range all {
+		if e.Event == wire.EventAccepted {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// newEvents returns the events past the first `seen`.
+func newEvents(t *testing.T, path string, seen int) []wire.SidecarEvent {
+	t.Helper()
+	ev := sidecarEvents(t, path)
+	if len(ev) < seen {
+		t.Fatalf("sidecar events shrank: %d < %d", len(ev), seen)
+	}
+	return ev[seen:]
+}
+
+func hostPort(a netip.Addr, port int) string {
+	return netip.AddrPortFrom(a, uint16(port)).String()
+}
+
+func (n *node) counters() map[string]uint64 {
+	n.t.Helper()
+	c, err := n.dp.Counters()
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	return c
+}
