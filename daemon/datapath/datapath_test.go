@@ -1,0 +1,246 @@
+package datapath_test
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"encoding/hex"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/meshlane/meshlane/bpf"
+	"github.com/meshlane/meshlane/daemon/datapath"
+	"github.com/meshlane/meshlane/test/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+func load(t *testing.T, bpffs, cgroup string, sockmap bool) *datapath.Datapath {
+	t.Helper()
+	d, err := datapath.Load(datapath.Options{BPFFS: bpffs, CgroupPath: cgroup, Sockmap: sockmap})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func pod(cookie uint64, ip string, inExcl ...uint16) datapath.Pod {
+	return datapath.Pod{
+		NetnsCookie: cookie, IPs: []netip.Addr{netip.MustParseAddr(ip)},
+		ProxyUID: 1337, ProxyGID: 1337, OutboundPort: 15001, InboundPort: 15006,
+		InboundAll: true, InboundExclude: inExcl, OutboundAllCIDRs: true,
+		OutboundExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")},
+	}
+}
+
+func entries(t *testing.T, d *datapath.Datapath) map[string]int {
+	t.Helper()
+	fill, err := d.MapFill()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]int{}
+	for k, v := range fill {
+		out[k] = v.Entries
+	}
+	return out
+}
+
+func linkIDs(t *testing.T, bpffs string) map[string]link.ID {
+	t.Helper()
+	ids := map[string]link.ID{}
+	files, _ := filepath.Glob(filepath.Join(bpffs, "links", "*"))
+	for _, f := range files {
+		l, err := link.LoadPinnedLink(f, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := l.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[filepath.Base(f)] = info.ID
+		l.Close()
+	}
+	return ids
+}
+
+// TestReloadKeepsState: a second agent (restart or upgrade) reopens the
+// pinned maps with every pod in them and swaps its programs into the same
+// pinned links, so attachment never lapses; switching the fast path off
+// removes only the sk_msg link.
+func TestReloadKeepsState(t *testing.T) {
+	testenv.RequireRoot(t)
+	cg := testenv.TempCgroup(t)
+	bpffs := filepath.Join(testenv.BPFFS(t), "meshlane")
+
+	d := load(t, bpffs, cg.Path, true)
+	for i, ip := range []string{"198.18.0.1", "fd00::1"} {
+		if err := d.UpsertPod(pod(uint64(100+i), ip, 15000, 15020)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := entries(t, d)
+	ids := linkIDs(t, bpffs)
+	if len(ids) != 5 {
+		t.Fatalf("pinned links %v, want 5 (connect4, connect6, sockops, getsockopt, sk_msg)", ids)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	d = load(t, bpffs, cg.Path, true)
+	if got := entries(t, d); !equalMaps(got, want) {
+		t.Fatalf("after reload %v, before %v", got, want)
+	}
+	if got := linkIDs(t, bpffs); !equalMaps(got, ids) {
+		t.Fatalf("links were replaced instead of updated: %v, before %v", got, ids)
+	}
+	// The reloaded agent knows the pods it did not write: a delete
+	// removes every entry.
+	if err := d.DeletePod(datapath.Pod{NetnsCookie: 100}); err != nil {
+		t.Fatal(err)
+	}
+	if got := entries(t, d); got["meshlane_pods"] != 1 || got["meshlane_ports"] != 2 || got["meshlane_cidrs"] != 2 || got["meshlane_podips"] != 1 {
+		t.Fatalf("after deleting one of two pods: %v", got)
+	}
+	d.Close()
+
+	d = load(t, bpffs, cg.Path, false)
+	got := linkIDs(t, bpffs)
+	if _, ok := got["sk_msg"]; ok || len(got) != 4 {
+		t.Fatalf("fast path off: links %v, want the four cgroup links only", got)
+	}
+	if err := d.Uninstall(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(bpffs); !os.IsNotExist(err) {
+		t.Fatalf("uninstall left %s: %v", bpffs, err)
+	}
+}
+
+func equalMaps[K comparable, V comparable](a, b map[K]V) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}
+
+// TestUpsertReplacesStaleKeys: updating a pod removes exactly the rules it
+// no longer has, and an IP handed to a new pod survives the old pod's
+// delete.
+func TestUpsertReplacesStaleKeys(t *testing.T) {
+	testenv.RequireRoot(t)
+	cg := testenv.TempCgroup(t)
+	d := load(t, filepath.Join(testenv.BPFFS(t), "meshlane"), cg.Path, false)
+	t.Cleanup(func() { d.Uninstall() })
+
+	p := pod(1, "198.18.0.1", 1, 2, 3)
+	if err := d.UpsertPod(p); err != nil {
+		t.Fatal(err)
+	}
+	p.InboundExclude = []uint16{3}
+	p.OutboundExcludeCIDRs = p.OutboundExcludeCIDRs[:1]
+	p.IPs = append(p.IPs, netip.MustParseAddr("fd00::1"))
+	if err := d.UpsertPod(p); err != nil {
+		t.Fatal(err)
+	}
+	if got := entries(t, d); got["meshlane_ports"] != 1 || got["meshlane_cidrs"] != 1 || got["meshlane_podips"] != 2 {
+		t.Fatalf("after update: %v", got)
+	}
+	// The pod's IPv4 address goes to a new pod (new netns) before the old
+	// pod's DEL arrives.
+	if err := d.UpsertPod(pod(2, "198.18.0.1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.DeletePod(p); err != nil {
+		t.Fatal(err)
+	}
+	if got := entries(t, d); got["meshlane_pods"] != 1 || got["meshlane_podips"] != 1 || got["meshlane_ports"] != 0 {
+		t.Fatalf("after deleting the old pod: %v", got)
+	}
+	if err := d.DeletePod(p); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+	if err := d.UpsertPod(datapath.Pod{NetnsCookie: 3}); err == nil {
+		t.Fatal("pod without IPs or ports accepted")
+	}
+}
+
+// TestLoadErrors: a pin directory off bpffs and a cgroup that is not
+// cgroup v2 are refused with a message that says what to do.
+func TestLoadErrors(t *testing.T) {
+	testenv.RequireRoot(t)
+	cg := testenv.TempCgroup(t)
+	_, err := datapath.Load(datapath.Options{BPFFS: filepath.Join(t.TempDir(), "meshlane"), CgroupPath: cg.Path})
+	if err == nil || !strings.Contains(err.Error(), "not on a bpf filesystem") {
+		t.Fatalf("pins on tmpfs: %v", err)
+	}
+	_, err = datapath.Load(datapath.Options{BPFFS: filepath.Join(testenv.BPFFS(t), "meshlane"), CgroupPath: t.TempDir()})
+	if err == nil || !strings.Contains(err.Error(), "not a cgroup v2 directory") {
+		t.Fatalf("cgroup on tmpfs: %v", err)
+	}
+}
+
+// layoutGolden is the digest of every map's key and value types in
+// bpf/meshlane.c at datapath.LayoutVersion. When this test fails, a map
+// layout changed: bump LayoutVersion (so pins of the old layout are never
+// reused) and update both.
+const layoutGolden = "b8786a422542cde3"
+
+func TestLayoutVersion(t *testing.T) {
+	spec, err := bpf.LoadMeshlane()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	for _, name := range []string{"meshlane_pods", "meshlane_podips", "meshlane_ports", "meshlane_cidrs", "meshlane_origdst", "meshlane_sks", "meshlane_sockh", "meshlane_cnt"} {
+		m := spec.Maps[name]
+		if m == nil {
+			t.Fatalf("map %s missing", name)
+		}
+		h.Write([]byte(name + m.Type.String()))
+		for _, typ := range []btf.Type{m.Key, m.Value} {
+			if typ == nil {
+				continue
+			}
+			h.Write([]byte(btfLayout(typ)))
+		}
+	}
+	sum := hex.EncodeToString(h.Sum(nil))[:16]
+	if sum != layoutGolden || datapath.LayoutVersion != 1 {
+		t.Fatalf("map layout digest %s at LayoutVersion %d; golden %s at 1: a layout changed, bump LayoutVersion and update layoutGolden", sum, datapath.LayoutVersion, layoutGolden)
+	}
+}
+
+// btfLayout renders a type's fields with their offsets and sizes.
+func btfLayout(typ btf.Type) string {
+	var b strings.Builder
+	var walk func(name string, typ btf.Type, off uint32)
+	walk = func(name string, typ btf.Type, off uint32) {
+		typ = btf.UnderlyingType(typ)
+		size, _ := btf.Sizeof(typ)
+		fmt.Fprintf(&b, "%s %s @%d /%d;", name, typ.TypeName(), off, size)
+		switch t := typ.(type) {
+		case *btf.Struct:
+			for _, m := range t.Members {
+				walk(m.Name, m.Type, off+m.Offset.Bytes())
+			}
+		case *btf.Array:
+			fmt.Fprintf(&b, "[%d]", t.Nelems)
+			walk("elem", t.Type, off)
+		}
+	}
+	walk("", typ, 0)
+	return b.String()
+}
