@@ -195,7 +195,7 @@ func requirePrevResult(conf *Config) (types.Result, error) {
 func agentFailure(conf *Config, log *logger, ev api.PodEvent, what string, err error) error {
 	var terr *types.Error
 	switch {
-	case statusOf(err) == http.StatusNotFound && what == "check":
+	case api.StatusOf(err) == http.StatusNotFound && what == "check":
 		terr = types.NewError(types.ErrUnknownContainer,
 			fmt.Sprintf("meshlane-cni: meshlane agent does not hold container %s: %v", ev.ContainerID, err),
 			"the agent lost track of the pod (restarted without its state?); delete the pod so the runtime sets it up again")

@@ -129,3 +129,17 @@ func deleteNamedNetns(path string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// CreateNetns makes an empty network namespace named from label and
+// bind-mounted under NetnsDir, as a container runtime does before it calls
+// the CNI chain. Remove it with DeleteNetns.
+func CreateNetns(label string) (string, error) {
+	name, err := objectName(label)
+	if err != nil {
+		return "", err
+	}
+	return createNamedNetns(name)
+}
+
+// DeleteNetns removes a namespace made by CreateNetns.
+func DeleteNetns(path string) error { return deleteNamedNetns(path) }
