@@ -1,0 +1,247 @@
+// Command meshlane-agent is the meshlane node agent: it loads and pins the
+// eBPF datapath, takes pod reports from the meshlane-cni plugin on a
+// root-only unix socket and keeps the datapath's pod maps current.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/meshlane/meshlane/daemon/agent"
+	"github.com/meshlane/meshlane/daemon/api"
+	"github.com/meshlane/meshlane/daemon/datapath"
+	"github.com/meshlane/meshlane/daemon/mesh"
+)
+
+// shutdownTimeout bounds the wait for requests in flight at SIGTERM; the
+// plugin retries anything cut off.
+const shutdownTimeout = 10 * time.Second
+
+type options struct {
+	socket     string
+	bpffs      string
+	cgroup     string
+	stateDir   string
+	logLevel   string
+	logFormat  string
+	profile    string
+	sockmap    bool
+	gcInterval time.Duration
+}
+
+func main() {
+	opts, err := parseFlags(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "meshlane-agent: %v\n", err)
+		os.Exit(2)
+	}
+	log, err := newLogger(opts.logLevel, opts.logFormat)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "meshlane-agent: %v\n", err)
+		os.Exit(2)
+	}
+	defer log.Sync()
+	if err := run(opts, log); err != nil {
+		log.Error("meshlane-agent stopped", zap.Error(err))
+		log.Sync()
+		os.Exit(1)
+	}
+}
+
+// parseFlags reads the command line; --help prints the usage to out and
+// returns flag.ErrHelp.
+func parseFlags(args []string, out io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("meshlane-agent", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.Usage = func() {
+		fmt.Fprintf(out, "Usage: meshlane-agent [flags]\n\n"+
+			"Loads and pins the meshlane eBPF datapath and serves the CNI plugin on a\n"+
+			"root-only unix socket. Stopping the agent keeps the pinned datapath working.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "unix socket the CNI plugin connects to")
+	fs.StringVar(&o.bpffs, "bpffs", datapath.DefaultBPFFS, "pin directory on a bpf filesystem")
+	fs.StringVar(&o.cgroup, "cgroup", "", "cgroup v2 directory to attach to (default: root of the cgroup2 mount in /proc/self/mountinfo)")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/run/meshlane/state", "directory of the pod registry (pods.json)")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.logFormat, "log-format", "json", "json or console")
+	fs.StringVar(&o.profile, "profile", mesh.Istio.Name, "default mesh for pods whose annotations the runtime does not pass: istio or linkerd")
+	// Off by default: the sockmap fast path's default follows the
+	// measurements recorded in docs.
+	fs.BoolVar(&o.sockmap, "sockmap", false, "enable the sockops/sk_msg fast path between local sockets")
+	fs.DurationVar(&o.gcInterval, "gc-interval", agent.DefaultGCInterval, "period of the check for pods whose network namespace is gone")
+	if err := fs.Parse(args); err != nil {
+		return options{}, err
+	}
+	if fs.NArg() > 0 {
+		return options{}, fmt.Errorf("unexpected arguments %q: see --help", fs.Args())
+	}
+	if o.gcInterval <= 0 {
+		return options{}, fmt.Errorf("--gc-interval %s must be positive", o.gcInterval)
+	}
+	return o, nil
+}
+
+func newLogger(level, format string) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	var cfg zap.Config
+	switch format {
+	case "json":
+		cfg = zap.NewProductionConfig()
+	case "console":
+		cfg = zap.NewDevelopmentConfig()
+	default:
+		return nil, fmt.Errorf("--log-format %q: want json or console", format)
+	}
+	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	// Every pod event is one line; sampling would drop some under churn.
+	cfg.Sampling = nil
+	return cfg.Build()
+}
+
+func run(o options, log *zap.Logger) error {
+	profile, err := mesh.ProfileByName(o.profile)
+	if err != nil {
+		return fmt.Errorf("--profile: %w", err)
+	}
+	if o.cgroup == "" {
+		o.cgroup, err = cgroup2Root("/proc/self/mountinfo")
+		if err != nil {
+			return err
+		}
+	}
+
+	dp, err := datapath.Load(datapath.Options{BPFFS: o.bpffs, CgroupPath: o.cgroup, Sockmap: o.sockmap, Logger: log})
+	if err != nil {
+		return err
+	}
+	// Close releases this process's handles only: the pins stay, so pods
+	// keep being redirected while the agent restarts.
+	defer func() {
+		if err := dp.Close(); err != nil {
+			log.Warn("closing the datapath handles", zap.Error(err))
+		}
+	}()
+
+	var ready atomic.Bool
+	a, err := agent.New(agent.Config{
+		Maps:       dp,
+		Profile:    profile,
+		StateDir:   o.stateDir,
+		GCInterval: o.gcInterval,
+		Logger:     log,
+		Ready: func() (bool, string) {
+			if !ready.Load() {
+				return false, "shutting down"
+			}
+			return true, ""
+		},
+	})
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	// Restore before the socket exists, so the plugin never reaches an
+	// agent that has not recovered its pods.
+	if err := a.Restore(); err != nil {
+		return err
+	}
+	l, err := agent.ListenUnix(o.socket)
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	served := make(chan error, 1)
+	go func() { served <- a.Serve(l) }()
+	ready.Store(true)
+	log.Info("meshlane-agent serving", zap.String("socket", o.socket), zap.String("profile", profile.Name),
+		zap.String("cgroup", o.cgroup), zap.String("state_dir", o.stateDir))
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("socket server: %w", err)
+	case <-ctx.Done():
+	}
+	ready.Store(false)
+	log.Info("signal received: stopping; the pinned datapath keeps redirecting")
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := a.Shutdown(sctx); err != nil {
+		log.Warn("requests still in flight at shutdown were cut off; the plugin retries them", zap.Error(err))
+	}
+	return <-served
+}
+
+// cgroup2Root returns the mount point of the first cgroup2 filesystem
+// listed in mountinfo: its root is where attached programs cover every
+// process on the node.
+func cgroup2Root(mountinfo string) (string, error) {
+	f, err := os.Open(mountinfo)
+	if err != nil {
+		return "", fmt.Errorf("find the cgroup2 mount: %w (or pass --cgroup)", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// "id parent maj:min root mountpoint options [optional...] - fstype source superopts"
+		fields := strings.Fields(sc.Text())
+		sep := -1
+		for i, f := range fields {
+			if f == "-" {
+				sep = i
+				break
+			}
+		}
+		if sep < 5 || sep+1 >= len(fields) || fields[sep+1] != "cgroup2" {
+			continue
+		}
+		return unescapeMountinfo(fields[4]), nil
+	}
+	if err := sc.Err(); err != nil {
+		return "", fmt.Errorf("read %s: %w", mountinfo, err)
+	}
+	return "", fmt.Errorf("no cgroup2 filesystem in %s: mount cgroup v2 or pass --cgroup", mountinfo)
+}
+
+// unescapeMountinfo undoes the kernel's octal escapes (\040 for a space)
+// in mountinfo paths.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}

@@ -1,0 +1,364 @@
+// Package agent is the node agent's control logic: it takes the CNI
+// plugin's pod reports (ADD, DEL, CHECK, GC), decides mesh membership,
+// keeps the datapath's pod maps current, remembers its pods across
+// restarts and serves all of that on a root-only unix socket.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"net/http"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/meshlane/meshlane/daemon/api"
+	"github.com/meshlane/meshlane/daemon/datapath"
+	"github.com/meshlane/meshlane/daemon/mesh"
+)
+
+// PodMaps is the part of the datapath the agent writes. Both calls must be
+// idempotent: the agent re-applies pods after a restart and deletes pods
+// that may already be gone from the maps.
+type PodMaps interface {
+	UpsertPod(datapath.Pod) error
+	DeletePod(datapath.Pod) error
+}
+
+// DefaultGCInterval is how often the background GC looks for pods whose
+// network namespace disappeared without a DEL.
+const DefaultGCInterval = 10 * time.Second
+
+// eventRingSize bounds the recent-events history.
+const eventRingSize = 1000
+
+// lockStripes is the number of per-pod locks. Pods hash onto them, so two
+// requests for the same pod are serialized while requests for different
+// pods almost always run in parallel, with no per-pod lock bookkeeping.
+const lockStripes = 64
+
+// Config is what the agent needs from its caller.
+type Config struct {
+	// Maps is the datapath the agent writes meshed pods into.
+	Maps PodMaps
+	// Profile is the default mesh: the profile of pods whose annotations
+	// the runtime did not pass, and the adjusted profile of its mesh.
+	Profile mesh.Profile
+	// StateDir holds pods.json, the registry that survives restarts.
+	StateDir string
+	// GCInterval is the background GC period; zero means
+	// DefaultGCInterval.
+	GCInterval time.Duration
+	// Logger receives one line per pod event; nil logs nothing.
+	Logger *zap.Logger
+	// Ready answers /readyz: ready, or the reason it is not. Nil means
+	// ready whenever the socket is served.
+	Ready func() (bool, string)
+}
+
+// PodRecord is what the agent holds about one pod: the report it got, the
+// identity it read, what it decided and what it wrote into the maps.
+type PodRecord struct {
+	Event       api.PodEvent `json:"event"`
+	NetnsCookie uint64       `json:"netnsCookie"`
+	// State is api.StateMeshed, api.StateWaiting or api.StateNotMeshed.
+	State   string `json:"state"`
+	Reason  string `json:"reason"`
+	Profile string `json:"profile,omitempty"`
+	// Pod is what was written into the maps; set only when meshed.
+	Pod     *datapath.Pod `json:"pod,omitempty"`
+	Added   time.Time     `json:"added"`
+	Changed time.Time     `json:"changed"`
+}
+
+// entry is a held pod. rec is written only with both the pod's stripe lock
+// and Agent.mu held, so either one is enough to read it.
+type entry struct {
+	rec PodRecord
+	// stopWatch cancels the sidecar watcher of a waiting pod.
+	stopWatch context.CancelFunc
+}
+
+// Agent holds the node's pods. Create it with New, call Restore before
+// serving, then Serve; Close stops its background work.
+type Agent struct {
+	maps       PodMaps
+	profile    mesh.Profile
+	stateDir   string
+	gcInterval time.Duration
+	log        *zap.Logger
+	ready      func() (bool, string)
+	events     *ring
+
+	// waitFor are the sidecars a waiting pod may turn out to have: the
+	// default profile first, then the other meshes, each with its
+	// annotation-free settings.
+	waitFor []mesh.Decision
+
+	locks [lockStripes]sync.Mutex
+
+	mu   sync.Mutex // guards pods and gen
+	pods map[string]*entry
+	gen  uint64 // counts registry changes, for persist
+
+	saveMu   sync.Mutex // serializes state file writes
+	savedGen uint64
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	srv *http.Server
+}
+
+// New checks cfg and starts the background GC. It does not read the state
+// file: call Restore before serving.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Maps == nil {
+		return nil, errors.New("agent: Config.Maps is nil: the agent needs the datapath to write")
+	}
+	if cfg.StateDir == "" {
+		return nil, errors.New("agent: Config.StateDir is empty: set the directory for pods.json")
+	}
+	if cfg.GCInterval < 0 {
+		return nil, fmt.Errorf("agent: GC interval %s is negative", cfg.GCInterval)
+	}
+	if cfg.GCInterval == 0 {
+		cfg.GCInterval = DefaultGCInterval
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	waitFor, err := waitProfiles(cfg.Profile)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	a := &Agent{
+		maps:       cfg.Maps,
+		profile:    cfg.Profile,
+		stateDir:   cfg.StateDir,
+		gcInterval: cfg.GCInterval,
+		log:        cfg.Logger,
+		ready:      cfg.Ready,
+		events:     newRing(eventRingSize),
+		waitFor:    waitFor,
+		pods:       make(map[string]*entry),
+		ctx:        ctx,
+		cancel:     cancel,
+	}
+	a.srv = a.newServer()
+	a.wg.Add(1)
+	go a.gcLoop()
+	return a, nil
+}
+
+// waitProfiles lists the default profile and then the other built-in
+// meshes, each with the settings of a pod without annotations.
+func waitProfiles(def mesh.Profile) ([]mesh.Decision, error) {
+	var out []mesh.Decision
+	for _, p := range []mesh.Profile{def, mesh.Istio, mesh.Linkerd} {
+		if slices.ContainsFunc(out, func(d mesh.Decision) bool { return d.Profile.Name == p.Name }) {
+			continue
+		}
+		d, err := mesh.Decide(nil, p)
+		if err != nil {
+			return nil, fmt.Errorf("agent: mesh profile %q: %w", p.Name, err)
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// Close stops the background GC and the sidecar watchers and waits for
+// them. It leaves the maps as they are: a stopped agent keeps redirecting.
+func (a *Agent) Close() {
+	a.cancel()
+	a.wg.Wait()
+}
+
+// Events returns the recent events, oldest first.
+func (a *Agent) Events() []Event { return a.events.all() }
+
+// Pods returns a copy of every held record, sorted by container id.
+func (a *Agent) Pods() []PodRecord {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.recordsLocked()
+}
+
+func (a *Agent) recordsLocked() []PodRecord {
+	out := make([]PodRecord, 0, len(a.pods))
+	for _, e := range a.pods {
+		out = append(out, e.rec)
+	}
+	slices.SortFunc(out, func(x, y PodRecord) int {
+		switch {
+		case x.Event.ContainerID < y.Event.ContainerID:
+			return -1
+		case x.Event.ContainerID > y.Event.ContainerID:
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// lockFor returns the stripe lock serializing work on one container id.
+// Netns syscalls run under it, never under a.mu.
+func (a *Agent) lockFor(id string) *sync.Mutex {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return &a.locks[h.Sum32()%lockStripes]
+}
+
+func (a *Agent) get(id string) *entry {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.pods[id]
+}
+
+func (a *Agent) ids() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]string, 0, len(a.pods))
+	for id := range a.pods {
+		out = append(out, id)
+	}
+	return out
+}
+
+// update changes a held record; the caller holds the pod's stripe lock.
+func (a *Agent) update(e *entry, fn func(*PodRecord)) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	fn(&e.rec)
+	e.rec.Changed = time.Now()
+	a.gen++
+}
+
+// put adds or replaces a record; the caller holds the pod's stripe lock.
+func (a *Agent) put(e *entry) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.pods[e.rec.Event.ContainerID] = e
+	a.gen++
+}
+
+// drop removes e from the maps (if it was written there) and then from
+// the registry. The caller holds the pod's stripe lock. If the maps refuse
+// the delete, the pod stays held so that a retry can remove it.
+func (a *Agent) drop(e *entry) error {
+	if e.rec.Pod != nil {
+		if err := a.maps.DeletePod(*e.rec.Pod); err != nil {
+			return fmt.Errorf("delete pod %s (netns cookie %d) from the datapath maps: %w",
+				e.rec.Event.ContainerID, e.rec.NetnsCookie, err)
+		}
+	}
+	if e.stopWatch != nil {
+		e.stopWatch()
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.pods[e.rec.Event.ContainerID] == e {
+		delete(a.pods, e.rec.Event.ContainerID)
+		a.gen++
+	}
+	return nil
+}
+
+// holdsCookie reports whether any held pod has netns cookie c.
+func (a *Agent) holdsCookie(c uint64) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, e := range a.pods {
+		if e.rec.NetnsCookie == c {
+			return true
+		}
+	}
+	return false
+}
+
+// unheldIPs returns those of ips that no held pod reports.
+func (a *Agent) unheldIPs(ips []netip.Addr) []netip.Addr {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	held := make(map[netip.Addr]bool)
+	for _, e := range a.pods {
+		for _, s := range e.rec.Event.IPs {
+			if ip, err := parseIP(s); err == nil {
+				held[ip] = true
+			}
+		}
+	}
+	var out []netip.Addr
+	for _, ip := range ips {
+		if !held[ip] {
+			out = append(out, ip)
+		}
+	}
+	return out
+}
+
+// parseIPs parses a validated event's addresses again.
+func parseIPs(ss []string) ([]netip.Addr, error) {
+	out := make([]netip.Addr, 0, len(ss))
+	for _, s := range ss {
+		ip, err := parseIP(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ip)
+	}
+	return out, nil
+}
+
+// logPod writes the one structured line of a pod event and records it in
+// the event ring.
+func (a *Agent) logPod(kind, msg string, rec PodRecord, start time.Time) {
+	a.log.Info(msg,
+		zap.String("event", kind),
+		zap.String("container_id", rec.Event.ContainerID),
+		zap.String("pod", podName(rec.Event)),
+		zap.Uint64("netns_cookie", rec.NetnsCookie),
+		zap.String("state", rec.State),
+		zap.String("reason", rec.Reason),
+		zap.String("profile", rec.Profile),
+		zap.Duration("duration", time.Since(start)),
+	)
+	a.events.add(Event{
+		Time:        time.Now(),
+		Kind:        kind,
+		ContainerID: rec.Event.ContainerID,
+		Pod:         podName(rec.Event),
+		State:       rec.State,
+		Message:     rec.Reason,
+	})
+}
+
+func podName(ev api.PodEvent) string {
+	if ev.PodNamespace == "" && ev.PodName == "" {
+		return ""
+	}
+	return ev.PodNamespace + "/" + ev.PodName
+}
+
+func response(rec PodRecord) api.PodResponse {
+	return api.PodResponse{ContainerID: rec.Event.ContainerID, State: rec.State, Reason: rec.Reason}
+}
+
+// statusError carries the HTTP status a failure is answered with.
+type statusError struct {
+	code int
+	err  error
+}
+
+func (e *statusError) Error() string { return e.err.Error() }
+func (e *statusError) Unwrap() error { return e.err }
+
+func withStatus(code int, err error) error { return &statusError{code: code, err: err} }

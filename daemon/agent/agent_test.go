@@ -1,0 +1,513 @@
+package agent_test
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshlane/meshlane/daemon/agent"
+	"github.com/meshlane/meshlane/daemon/api"
+	"github.com/meshlane/meshlane/daemon/mesh"
+)
+
+func TestAddMeshed(t *testing.T) {
+	maps := newFakeMaps()
+	stateDir := t.TempDir()
+	a := newAgent(t, opts{maps: maps, stateDir: stateDir})
+	c := client(serve(t, a))
+	p := newPod(t, "meshed1", istioAnn, "10.1.0.7/24", "fd00::7")
+	p.ev.Annotations["traffic.sidecar.istio.io/excludeOutboundPorts"] = "5432"
+
+	code, resp, msg := call(t, c, api.PathAdd, p.ev)
+	if code != http.StatusOK || resp.State != api.StateMeshed || resp.ContainerID != "meshed1" {
+		t.Fatalf("ADD: %d %+v %s", code, resp, msg)
+	}
+	got, ok := maps.get(p.cookie(t))
+	if !ok {
+		t.Fatalf("ADD answered 200 but the maps do not hold cookie %d: %v", p.cookie(t), maps.cookies())
+	}
+	wantIPs := []netip.Addr{netip.MustParseAddr("10.1.0.7"), netip.MustParseAddr("fd00::7")}
+	if !slices.Equal(got.IPs, wantIPs) || got.OutboundPort != 15001 || got.InboundPort != 15006 ||
+		got.ProxyUID != 1337 || !slices.Contains(got.OutboundExcludePorts, 5432) {
+		t.Fatalf("datapath pod = %+v", got)
+	}
+	if code, _, _ := call(t, c, api.PathCheck, p.ev); code != http.StatusOK {
+		t.Fatalf("CHECK of a held pod: %d", code)
+	}
+
+	// The state file lists the pod.
+	data, err := os.ReadFile(filepath.Join(stateDir, "pods.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), `"meshed1"`) || !strings.Contains(string(data), `"version": 1`) {
+		t.Fatalf("state file lacks the pod: %s", data)
+	}
+	if strings.Contains(string(data), "excludeOutboundPorts") {
+		t.Fatalf("state file carries the annotations: %s", data)
+	}
+	if recs := a.Pods(); recs[0].Event.Annotations == nil {
+		t.Fatal("persisting dropped the annotations of the live record")
+	}
+}
+
+func TestAddNotMeshedAndLinkerd(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps})
+	c := client(serve(t, a))
+
+	plain := newPod(t, "plain1", plainAnn)
+	if _, resp, msg := call(t, c, api.PathAdd, plain.ev); resp.State != api.StateNotMeshed {
+		t.Fatalf("ADD plain: %+v %s", resp, msg)
+	}
+	if len(maps.cookies()) != 0 {
+		t.Fatalf("a not-meshed pod was written into the maps: %v", maps.cookies())
+	}
+
+	// The default profile is Istio, but a Linkerd pod is meshed as Linkerd.
+	ld := newPod(t, "linkerd1", linkerdAnn)
+	if _, resp, msg := call(t, c, api.PathAdd, ld.ev); resp.State != api.StateMeshed {
+		t.Fatalf("ADD linkerd: %+v %s", resp, msg)
+	}
+	got, ok := maps.get(ld.cookie(t))
+	if !ok || got.OutboundPort != 4140 || got.ProxyUID != 2102 {
+		t.Fatalf("linkerd pod in maps: %+v %v", got, ok)
+	}
+}
+
+func TestAddRejectsBadRequests(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps})
+	c := client(serve(t, a))
+	p := newPod(t, "bad1", istioAnn)
+	gone := newPod(t, "gone1", istioAnn)
+	gone.ns.Delete(t)
+
+	mod := func(f func(*api.PodEvent)) api.PodEvent {
+		ev := p.ev
+		ev.Annotations = map[string]string{}
+		for k, v := range p.ev.Annotations {
+			ev.Annotations[k] = v
+		}
+		f(&ev)
+		return ev
+	}
+	cases := []struct {
+		name string
+		ev   api.PodEvent
+		want string
+	}{
+		{"no id", mod(func(e *api.PodEvent) { e.ContainerID = "" }), "containerID is empty"},
+		{"bad id", mod(func(e *api.PodEvent) { e.ContainerID = "../x" }), "invalid character"},
+		{"no netns", mod(func(e *api.PodEvent) { e.Netns = "" }), "netns is empty"},
+		{"relative netns", mod(func(e *api.PodEvent) { e.Netns = "netns/x" }), "not an absolute path"},
+		{"no ifname", mod(func(e *api.PodEvent) { e.IfName = "" }), "ifName is empty"},
+		{"no ips", mod(func(e *api.PodEvent) { e.IPs = nil }), "ips is empty"},
+		{"bad ip", mod(func(e *api.PodEvent) { e.IPs = []string{"10.1.0.7", "10.1.0.999"} }), "not an IP address"},
+		{"netns gone", gone.ev, "network namespace is gone"},
+		{"bad annotation", mod(func(e *api.PodEvent) {
+			e.Annotations["traffic.sidecar.istio.io/excludeInboundPorts"] = "http"
+		}), "excludeInboundPorts"},
+		{"two meshes", mod(func(e *api.PodEvent) { e.Annotations["linkerd.io/proxy-version"] = "x" }), "two meshes"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, msg := call(t, c, api.PathAdd, tc.ev)
+			if code != http.StatusBadRequest || !strings.Contains(msg, tc.want) {
+				t.Fatalf("got %d %q, want 400 mentioning %q", code, msg, tc.want)
+			}
+		})
+	}
+	if len(maps.cookies()) != 0 || len(a.Pods()) != 0 {
+		t.Fatalf("rejected ADDs changed state: maps %v, pods %v", maps.cookies(), heldIDs(a))
+	}
+}
+
+func TestBadAnnotationsOnReplaceChangeNothing(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps})
+	p := newPod(t, "keep1", istioAnn)
+	mustAdd(t, a, p.ev)
+	old := p.cookie(t)
+
+	p.ns.Recreate(t)
+	bad := p.ev
+	bad.Annotations = map[string]string{"sidecar.istio.io/status": "x", "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/33"}
+	if _, err := a.Add(bad); err == nil {
+		t.Fatal("ADD with a bad CIDR annotation succeeded")
+	}
+	if _, ok := maps.get(old); !ok || len(maps.cookies()) != 1 {
+		t.Fatalf("a rejected ADD touched the maps: %v (old cookie %d)", maps.cookies(), old)
+	}
+	if recs := a.Pods(); len(recs) != 1 || recs[0].NetnsCookie != old {
+		t.Fatalf("a rejected ADD touched the registry: %+v", recs)
+	}
+}
+
+func TestWaitingPodMeshedWhenSidecarListens(t *testing.T) {
+	for _, tc := range []struct {
+		name, network, addr string
+		port                uint16
+		profile             string
+	}{
+		{"istio", "tcp4", "0.0.0.0:15001", 15001, "istio"},
+		{"linkerd", "tcp6", "[::1]:4140", 4140, "linkerd"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			maps := newFakeMaps()
+			a := newAgent(t, opts{maps: maps})
+			c := client(serve(t, a))
+			p := newPod(t, "wait-"+tc.name, nil)
+
+			_, resp, msg := call(t, c, api.PathAdd, p.ev)
+			if resp.State != api.StateWaiting {
+				t.Fatalf("ADD without annotations: %+v %s", resp, msg)
+			}
+			// Past the first polls, with no listener, it is still waiting
+			// and nothing is redirected.
+			time.Sleep(1200 * time.Millisecond)
+			if s := podState(a, p.ev.ContainerID); s != api.StateWaiting || len(maps.cookies()) != 0 {
+				t.Fatalf("before any listener: state %q, maps %v", s, maps.cookies())
+			}
+
+			p.ns.Listen(t, tc.network, tc.addr)
+			eventually(t, "pod meshed", func() bool { return podState(a, p.ev.ContainerID) == api.StateMeshed })
+			got, ok := maps.get(p.cookie(t))
+			if !ok || got.OutboundPort != tc.port {
+				t.Fatalf("maps after the sidecar appeared: %+v %v", got, ok)
+			}
+			if recs := a.Pods(); recs[0].Profile != tc.profile {
+				t.Fatalf("profile = %q, want %q", recs[0].Profile, tc.profile)
+			}
+			eventually(t, "pod-meshed event", func() bool { return hasEvent(a, agent.EventMeshed, p.ev.ContainerID) })
+		})
+	}
+}
+
+func hasEvent(a *agent.Agent, kind, id string) bool {
+	return slices.ContainsFunc(a.Events(), func(e agent.Event) bool { return e.Kind == kind && e.ContainerID == id })
+}
+
+func TestIdempotentAddDel(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps})
+	c := client(serve(t, a))
+	p := newPod(t, "idem1", istioAnn)
+
+	for i := range 3 {
+		if code, resp, msg := call(t, c, api.PathAdd, p.ev); code != http.StatusOK || resp.State != api.StateMeshed {
+			t.Fatalf("ADD #%d: %d %+v %s", i, code, resp, msg)
+		}
+	}
+	if n := maps.upsertCount(); n != 1 {
+		t.Fatalf("repeated ADDs wrote the maps %d times, want 1", n)
+	}
+
+	_, resp, _ := call(t, c, api.PathDel, p.ev)
+	if resp.State != api.StateDeleted {
+		t.Fatalf("DEL: %+v", resp)
+	}
+	if len(maps.cookies()) != 0 || len(a.Pods()) != 0 {
+		t.Fatalf("after DEL: maps %v, pods %v", maps.cookies(), heldIDs(a))
+	}
+	_, resp, _ = call(t, c, api.PathDel, p.ev)
+	if resp.State != api.StateUnknownPod {
+		t.Fatalf("second DEL: %+v", resp)
+	}
+	if code, _, msg := call(t, c, api.PathCheck, p.ev); code != http.StatusNotFound || !strings.Contains(msg, "not held") {
+		t.Fatalf("CHECK after DEL: %d %q", code, msg)
+	}
+}
+
+func TestDelUnknown(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps})
+	c := client(serve(t, a))
+	other := newPod(t, "live1", istioAnn)
+	mustAdd(t, a, other.ev)
+
+	// No netns, no IPs: what a DEL after a node reboot looks like.
+	code, resp, msg := call(t, c, api.PathDel, api.PodEvent{ContainerID: "never-seen", IfName: "eth0"})
+	if code != http.StatusOK || resp.State != api.StateUnknownPod {
+		t.Fatalf("DEL of an unknown container: %d %+v %s", code, resp, msg)
+	}
+	// A DEL naming a held pod's netns under another id must not touch it.
+	stray := other.ev
+	stray.ContainerID = "stray1"
+	if _, resp, _ := call(t, c, api.PathDel, stray); resp.State != api.StateUnknownPod {
+		t.Fatalf("DEL stray: %+v", resp)
+	}
+	if _, ok := maps.get(other.cookie(t)); !ok {
+		t.Fatal("DEL of an unknown id removed a held pod's map entry")
+	}
+	if code, _, _ := call(t, c, api.PathDel, api.PodEvent{ContainerID: ""}); code != http.StatusBadRequest {
+		t.Fatalf("DEL without container id: %d, want 400", code)
+	}
+}
+
+func TestNetnsPathReuse(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps})
+	p := newPod(t, "reuse1", istioAnn)
+	mustAdd(t, a, p.ev)
+	c1 := p.cookie(t)
+
+	p.ns.Recreate(t)
+	c2 := p.cookie(t)
+	mustAdd(t, a, p.ev)
+
+	if got := maps.cookies(); !slices.Equal(got, []uint64{c2}) {
+		t.Fatalf("maps after reuse = %v, want only the new cookie %d (old %d)", got, c2, c1)
+	}
+	ops := maps.opLog()
+	want := []string{"upsert " + itoa(c1), "delete " + itoa(c1), "upsert " + itoa(c2)}
+	if !slices.Equal(ops, want) {
+		t.Fatalf("map ops = %v, want %v (old entries deleted first)", ops, want)
+	}
+	if recs := a.Pods(); len(recs) != 1 || recs[0].NetnsCookie != c2 {
+		t.Fatalf("registry after reuse: %+v", recs)
+	}
+}
+
+func itoa(c uint64) string {
+	b, _ := json.Marshal(c)
+	return string(b)
+}
+
+func TestGCVerb(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps})
+	c := client(serve(t, a))
+	keep := newPod(t, "gc-keep", istioAnn)
+	wrongIf := newPod(t, "gc-wrongif", istioAnn)
+	gone := newPod(t, "gc-gone", plainAnn)
+	for _, p := range []pod{keep, wrongIf, gone} {
+		mustAdd(t, a, p.ev)
+	}
+
+	code, body := do(t, c, http.MethodPost, api.PathGC, api.GCRequest{ValidAttachments: []api.Attachment{
+		{ContainerID: "gc-keep", IfName: "eth0"},
+		{ContainerID: "gc-wrongif", IfName: "net1"},
+		{ContainerID: "not-held", IfName: "eth0"},
+	}})
+	if code != http.StatusOK {
+		t.Fatalf("GC: %d %s", code, body)
+	}
+	var resp api.GCResponse
+	if err := json.Unmarshal(body, &resp); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(resp.Removed, []string{"gc-gone", "gc-wrongif"}) {
+		t.Fatalf("GC removed %v", resp.Removed)
+	}
+	if !slices.Equal(heldIDs(a), []string{"gc-keep"}) || !slices.Equal(maps.cookies(), []uint64{keep.cookie(t)}) {
+		t.Fatalf("after GC: pods %v, maps %v", heldIDs(a), maps.cookies())
+	}
+
+	// A request without the list is refused rather than read as "none".
+	code, body = do(t, c, http.MethodPost, api.PathGC, `{"valid":[]}`)
+	if code != http.StatusBadRequest || !strings.Contains(errorBody(t, body), "validAttachments") {
+		t.Fatalf("GC without validAttachments: %d %s", code, body)
+	}
+	// An explicit empty list drops everything.
+	code, body = do(t, c, http.MethodPost, api.PathGC, `{"validAttachments":[]}`)
+	if code != http.StatusOK || !strings.Contains(string(body), "gc-keep") || len(a.Pods()) != 0 {
+		t.Fatalf("GC with an empty list: %d %s, pods %v", code, body, heldIDs(a))
+	}
+}
+
+func TestBackgroundGC(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps, gc: 100 * time.Millisecond})
+	deleted := newPod(t, "bg-deleted", istioAnn)
+	replaced := newPod(t, "bg-replaced", istioAnn)
+	live := newPod(t, "bg-live", istioAnn)
+	waiting := newPod(t, "bg-waiting", nil)
+	for _, p := range []pod{deleted, replaced, live, waiting} {
+		mustAdd(t, a, p.ev)
+	}
+	if len(a.Pods()) != 4 {
+		t.Fatalf("setup: pods %v", heldIDs(a))
+	}
+
+	deleted.ns.Delete(t)
+	replaced.ns.Recreate(t)
+	waiting.ns.Delete(t)
+	eventually(t, "GC of dead pods", func() bool { return slices.Equal(heldIDs(a), []string{"bg-live"}) })
+	if !slices.Equal(maps.cookies(), []uint64{live.cookie(t)}) {
+		t.Fatalf("maps after background GC: %v, want only %d", maps.cookies(), live.cookie(t))
+	}
+	eventually(t, "GC event", func() bool { return hasEvent(a, agent.EventGC, "bg-deleted") })
+}
+
+func TestRestore(t *testing.T) {
+	stateDir := t.TempDir()
+	maps := newFakeMaps()
+	a1 := newAgent(t, opts{maps: maps, stateDir: stateDir})
+	meshed := newPod(t, "rs-meshed", istioAnn)
+	plain := newPod(t, "rs-plain", plainAnn)
+	waiting := newPod(t, "rs-waiting", nil)
+	dead := newPod(t, "rs-dead", istioAnn)
+	for _, p := range []pod{meshed, plain, waiting, dead} {
+		mustAdd(t, a1, p.ev)
+	}
+	deadCookie := dead.cookie(t)
+	a1.Close()
+
+	// The agent is down; a pod's netns goes meanwhile.
+	dead.ns.Delete(t)
+
+	// The restarted agent gets the same pinned maps (still holding both
+	// meshed pods) but they might also have been recreated empty:
+	// Restore must make them right either way.
+	for _, tc := range []struct {
+		name string
+		maps *fakeMaps
+	}{{"pinned", maps}, {"recreated", newFakeMaps()}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			copyFile(t, filepath.Join(stateDir, "pods.json"), filepath.Join(dir, "pods.json"))
+			a2 := newAgent(t, opts{maps: tc.maps, stateDir: dir})
+			if err := a2.Restore(); err != nil {
+				t.Fatalf("Restore: %v", err)
+			}
+			if got, want := heldIDs(a2), []string{"rs-meshed", "rs-plain", "rs-waiting"}; !slices.Equal(got, want) {
+				t.Fatalf("restored %v, want %v", got, want)
+			}
+			if got, want := tc.maps.cookies(), []uint64{meshed.cookie(t)}; !slices.Equal(got, want) {
+				t.Fatalf("maps after restore %v, want %v (dead pod %d gone)", got, want, deadCookie)
+			}
+			if podState(a2, "rs-waiting") != api.StateWaiting {
+				t.Fatalf("waiting pod restored as %q", podState(a2, "rs-waiting"))
+			}
+			// The state file no longer lists the dead pod.
+			data, _ := os.ReadFile(filepath.Join(dir, "pods.json"))
+			if strings.Contains(string(data), "rs-dead") {
+				t.Fatal("state file still lists the dead pod after restore")
+			}
+		})
+	}
+
+	// The waiting pod's watcher came back with the restore.
+	a3 := newAgent(t, opts{maps: newFakeMaps(), stateDir: stateDir})
+	if err := a3.Restore(); err != nil {
+		t.Fatal(err)
+	}
+	waiting.ns.Listen(t, "tcp4", "127.0.0.1:15001")
+	eventually(t, "restored waiting pod meshed", func() bool { return podState(a3, "rs-waiting") == api.StateMeshed })
+}
+
+func copyFile(t *testing.T, from, to string) {
+	t.Helper()
+	data, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRestoreRefusesUnknownStateFile(t *testing.T) {
+	for name, content := range map[string]string{
+		"version": `{"version": 99, "pods": []}`,
+		"corrupt": `{"version": 1, "pods": [`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, "pods.json"), []byte(content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			a := newAgent(t, opts{stateDir: dir})
+			err := a.Restore()
+			if err == nil || !strings.Contains(err.Error(), "move it away") {
+				t.Fatalf("Restore = %v, want an error saying what to do", err)
+			}
+		})
+	}
+	// No file at all is a first start.
+	if err := newAgent(t, opts{}).Restore(); err != nil {
+		t.Fatalf("Restore without a state file: %v", err)
+	}
+}
+
+// TestKilledBetweenMapsAndStateFile plays the crash the write order is
+// designed for: the maps hold a pod the state file does not list.
+func TestKilledBetweenMapsAndStateFile(t *testing.T) {
+	maps := newFakeMaps()
+	a1 := newAgent(t, opts{maps: maps, stateDir: t.TempDir()})
+	p := newPod(t, "crash1", istioAnn)
+	mustAdd(t, a1, p.ev)
+	a1.Close()
+
+	// Restart with the maps as left, but a state file written before the
+	// ADD (here: none).
+	t.Run("retried ADD", func(t *testing.T) {
+		a2 := newAgent(t, opts{maps: maps})
+		if err := a2.Restore(); err != nil {
+			t.Fatal(err)
+		}
+		mustAdd(t, a2, p.ev)
+		if !slices.Equal(maps.cookies(), []uint64{p.cookie(t)}) || !slices.Equal(heldIDs(a2), []string{"crash1"}) {
+			t.Fatalf("after retried ADD: maps %v, pods %v", maps.cookies(), heldIDs(a2))
+		}
+	})
+	t.Run("DEL instead", func(t *testing.T) {
+		a3 := newAgent(t, opts{maps: maps})
+		if err := a3.Restore(); err != nil {
+			t.Fatal(err)
+		}
+		mustDel(t, a3, p.ev)
+		if len(maps.cookies()) != 0 {
+			t.Fatalf("DEL of the unrecorded pod left map entries: %v", maps.cookies())
+		}
+	})
+}
+
+func TestMapsFailure(t *testing.T) {
+	maps := newFakeMaps()
+	a := newAgent(t, opts{maps: maps})
+	c := client(serve(t, a))
+	p := newPod(t, "fail1", istioAnn)
+
+	maps.setFail(errors.New("map full"))
+	code, _, msg := call(t, c, api.PathAdd, p.ev)
+	if code != http.StatusInternalServerError || !strings.Contains(msg, "map full") {
+		t.Fatalf("ADD with failing maps: %d %q", code, msg)
+	}
+	if len(a.Pods()) != 0 {
+		t.Fatalf("a pod whose map write failed is held: %v", heldIDs(a))
+	}
+
+	maps.setFail(nil)
+	mustAdd(t, a, p.ev)
+	maps.setFail(errors.New("map busy"))
+	if code, _, _ := call(t, c, api.PathDel, p.ev); code != http.StatusInternalServerError {
+		t.Fatalf("DEL with failing maps: %d, want 500 so the plugin retries", code)
+	}
+	maps.setFail(nil)
+	if _, resp, _ := call(t, c, api.PathDel, p.ev); resp.State != api.StateDeleted || len(maps.cookies()) != 0 {
+		t.Fatalf("retried DEL: %+v, maps %v", resp, maps.cookies())
+	}
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	bad := mesh.Istio
+	bad.Name = "consul"
+	for name, cfg := range map[string]agent.Config{
+		"no maps":      {StateDir: "/x", Profile: mesh.Istio},
+		"no state dir": {Maps: newFakeMaps(), Profile: mesh.Istio},
+		"bad profile":  {Maps: newFakeMaps(), StateDir: "/x", Profile: bad},
+	} {
+		if _, err := agent.New(cfg); err == nil {
+			t.Errorf("%s: New accepted it", name)
+		}
+	}
+}
