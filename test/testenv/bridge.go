@@ -188,3 +188,24 @@ func writeSysctl(key, value string) error {
 	}
 	return nil
 }
+
+// LinkName returns a fresh interface name carrying this run's ID, for a
+// link that something else creates (the CNI bridge plugin's bridge), so
+// Leftovers still finds it if it is not removed.
+func LinkName() string { return nextLinkName('x') }
+
+// DeleteLink removes a network interface by name; a missing one is fine.
+func DeleteLink(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil
+		}
+		return fmt.Errorf("find link %s: %w", name, err)
+	}
+	if err := netlink.LinkDel(l); err != nil {
+		return fmt.Errorf("delete link %s: %w", name, err)
+	}
+	return nil
+}

@@ -1,0 +1,345 @@
+// Package cninode runs a simulated Kubernetes node on this machine: the
+// meshlane agent with its datapath attached to a cgroup, and a CNI chain
+// of the reference bridge and host-local plugins with meshlane-cni chained
+// last, through which pods are created and deleted with libcni exactly as
+// containerd does. End-to-end tests and `make demo` use it.
+package cninode
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/vishvananda/netlink"
+
+	"github.com/meshlane/meshlane/daemon/api"
+	"github.com/meshlane/meshlane/test/testenv"
+)
+
+// Binaries are the programs a node runs.
+type Binaries struct {
+	Dir   string // the CNI bin dir: bridge, host-local, meshlane-cni
+	Agent string
+}
+
+// Build compiles the node's programs into dir: the reference CNI plugins
+// come from the module proxy at the versions go.mod pins as tools.
+func Build(dir string) (Binaries, error) {
+	root, err := moduleRoot()
+	if err != nil {
+		return Binaries{}, err
+	}
+	cmd := exec.Command("go", "build", "-o", dir+"/",
+		"github.com/containernetworking/plugins/plugins/main/bridge",
+		"github.com/containernetworking/plugins/plugins/ipam/host-local",
+		"./cmd/meshlane-cni", "./cmd/meshlane-agent")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return Binaries{}, fmt.Errorf("build node binaries: %v\n%s", err, out)
+	}
+	return Binaries{Dir: dir, Agent: filepath.Join(dir, "meshlane-agent")}, nil
+}
+
+func moduleRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("not inside the meshlane module: run from the repository")
+	}
+	return filepath.Dir(mod), nil
+}
+
+// Options configure a node.
+type Options struct {
+	Bin Binaries
+	// Dir holds the node's socket, state, CNI cache and IPAM data.
+	Dir string
+	// Cgroup the agent attaches the datapath to; pod processes go there.
+	Cgroup *testenv.Cgroup
+	// BPFFS is the agent's pin directory, on a bpf filesystem.
+	BPFFS string
+	// CNIVersion of the conflist (what the runtime injects into every
+	// plugin); default 1.1.0.
+	CNIVersion string
+	// Bridge name, and its subnets.
+	Bridge           string
+	Subnet4, Subnet6 netip.Prefix
+	// Profile is the agent's default mesh profile (istio when empty).
+	Profile string
+	// Sockmap turns on the short-circuit.
+	Sockmap bool
+	// FailPolicy of the plugin ("closed" when empty).
+	FailPolicy string
+	// AgentLog receives the agent's output.
+	AgentLog io.Writer
+	// AgentArgs are extra agent flags.
+	AgentArgs []string
+}
+
+// Node is a running simulated node.
+type Node struct {
+	opts  Options
+	cni   *libcni.CNIConfig
+	list  *libcni.NetworkConfigList
+	Sock  string
+	State string
+
+	mu    sync.Mutex
+	agent *exec.Cmd
+	done  chan error
+}
+
+// Start writes the conflist and starts the agent.
+func Start(opts Options) (*Node, error) {
+	if opts.CNIVersion == "" {
+		opts.CNIVersion = "1.1.0"
+	}
+	if opts.Profile == "" {
+		opts.Profile = "istio"
+	}
+	if opts.FailPolicy == "" {
+		opts.FailPolicy = "closed"
+	}
+	n := &Node{opts: opts, Sock: filepath.Join(opts.Dir, "run", "meshlane.sock"), State: filepath.Join(opts.Dir, "state")}
+	conf, err := n.Conflist()
+	if err != nil {
+		return nil, err
+	}
+	if n.list, err = libcni.NetworkConfFromBytes(conf); err != nil {
+		return nil, fmt.Errorf("parse conflist: %w", err)
+	}
+	n.cni = libcni.NewCNIConfigWithCacheDir([]string{opts.Bin.Dir}, filepath.Join(opts.Dir, "cni-cache"), nil)
+	if err := n.StartAgent(); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// Conflist is the node's CNI configuration: the primary network (bridge +
+// host-local) with meshlane-cni chained last, declaring the capability
+// that makes the runtime pass pod annotations.
+func (n *Node) Conflist() ([]byte, error) {
+	var ranges [][]map[string]string
+	for _, p := range []netip.Prefix{n.opts.Subnet4, n.opts.Subnet6} {
+		if p.IsValid() {
+			ranges = append(ranges, []map[string]string{{"subnet": p.String()}})
+		}
+	}
+	conf := map[string]any{
+		"cniVersion": n.opts.CNIVersion,
+		"name":       "meshlane-test",
+		"plugins": []any{
+			map[string]any{
+				"type":             "bridge",
+				"bridge":           n.opts.Bridge,
+				"isGateway":        true,
+				"isDefaultGateway": true,
+				"ipam": map[string]any{
+					"type":    "host-local",
+					"ranges":  ranges,
+					"dataDir": filepath.Join(n.opts.Dir, "ipam"),
+				},
+			},
+			map[string]any{
+				"type":         "meshlane-cni",
+				"socket":       n.Sock,
+				"failPolicy":   n.opts.FailPolicy,
+				"timeout":      "5s",
+				"logLevel":     "warn",
+				"capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
+			},
+		},
+	}
+	return json.MarshalIndent(conf, "", "  ")
+}
+
+// StartAgent starts meshlane-agent and waits until its socket answers
+// /readyz.
+func (n *Node) StartAgent() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.agent != nil {
+		return errors.New("agent already running")
+	}
+	args := []string{
+		"--socket", n.Sock,
+		"--bpffs", n.opts.BPFFS,
+		"--cgroup", n.opts.Cgroup.Path,
+		"--state-dir", n.State,
+		"--profile", n.opts.Profile,
+		"--log-format", "console",
+		fmt.Sprintf("--sockmap=%v", n.opts.Sockmap),
+	}
+	cmd := exec.Command(n.opts.Bin.Agent, append(args, n.opts.AgentArgs...)...)
+	cmd.Stdout, cmd.Stderr = n.opts.AgentLog, n.opts.AgentLog
+	// The agent must not be a pod process: keep it out of the test
+	// cgroup, and let it die with us.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start agent: %w", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	n.agent, n.done = cmd, done
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if err := n.ready(); err == nil {
+			return nil
+		}
+		select {
+		case err := <-done:
+			n.agent = nil
+			return fmt.Errorf("agent exited during start: %v (see its log)", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return errors.New("agent not ready within 30s (see its log)")
+		}
+	}
+}
+
+func (n *Node) ready() error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	return api.NewClient(n.Sock).Ready(ctx)
+}
+
+// StopAgent sends sig to the agent and waits for it to exit.
+func (n *Node) StopAgent(sig syscall.Signal) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.agent == nil {
+		return nil
+	}
+	n.agent.Process.Signal(sig)
+	select {
+	case <-n.done:
+	case <-time.After(20 * time.Second):
+		n.agent.Process.Kill()
+		<-n.done
+		return errors.New("agent did not stop within 20s of the signal; killed")
+	}
+	n.agent = nil
+	return nil
+}
+
+// Pod is a pod created through the CNI chain.
+type Pod struct {
+	Name, Namespace string
+	ContainerID     string
+	NetnsPath       string
+	IPv4, IPv6      netip.Addr
+	Annotations     map[string]string
+	rt              *libcni.RuntimeConf
+}
+
+func (n *Node) runtimeConf(p *Pod) *libcni.RuntimeConf {
+	rt := &libcni.RuntimeConf{
+		ContainerID: p.ContainerID,
+		NetNS:       p.NetnsPath,
+		IfName:      "eth0",
+		Args: [][2]string{
+			{"IgnoreUnknown", "1"},
+			{"K8S_POD_NAMESPACE", p.Namespace},
+			{"K8S_POD_NAME", p.Name},
+			{"K8S_POD_INFRA_CONTAINER_ID", p.ContainerID},
+			{"K8S_POD_UID", "uid-" + p.ContainerID},
+		},
+	}
+	if p.Annotations != nil {
+		rt.CapabilityArgs = map[string]any{"io.kubernetes.cri.pod-annotations": p.Annotations}
+	}
+	return rt
+}
+
+// AddPod creates the pod's netns and runs the chain's ADD. annotations nil
+// means the runtime passes none (the agent then waits for a sidecar).
+func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations map[string]string) (*Pod, error) {
+	path, err := testenv.CreateNetns(name)
+	if err != nil {
+		return nil, err
+	}
+	// containerd brings lo up in every sandbox itself (it is not part of
+	// the conflist); the redirect to the sidecar's loopback listener needs it.
+	err = testenv.InNetns(path, func() error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(lo)
+	})
+	if err != nil {
+		testenv.DeleteNetns(path)
+		return nil, fmt.Errorf("bring up lo in %s: %w", path, err)
+	}
+	p := &Pod{Name: name, Namespace: namespace, ContainerID: "ctr-" + filepath.Base(path), NetnsPath: path, Annotations: annotations}
+	p.rt = n.runtimeConf(p)
+	res, err := n.cni.AddNetworkList(ctx, n.list, p.rt)
+	if err != nil {
+		// What a runtime does when ADD fails: DEL, then drop the sandbox.
+		n.cni.DelNetworkList(ctx, n.list, p.rt)
+		testenv.DeleteNetns(path)
+		return nil, err
+	}
+	r, err := current.NewResultFromResult(res)
+	if err != nil {
+		return nil, err
+	}
+	for _, ip := range r.IPs {
+		a, _ := netip.AddrFromSlice(ip.Address.IP)
+		a = a.Unmap()
+		if a.Is4() {
+			p.IPv4 = a
+		} else {
+			p.IPv6 = a
+		}
+	}
+	return p, nil
+}
+
+// DelPod runs the chain's DEL and removes the netns.
+func (n *Node) DelPod(ctx context.Context, p *Pod) error {
+	err := n.cni.DelNetworkList(ctx, n.list, p.rt)
+	return errors.Join(err, testenv.DeleteNetns(p.NetnsPath))
+}
+
+// CheckPod runs the chain's CHECK.
+func (n *Node) CheckPod(ctx context.Context, p *Pod) error {
+	return n.cni.CheckNetworkList(ctx, n.list, p.rt)
+}
+
+// Status runs the chain's STATUS.
+func (n *Node) Status(ctx context.Context) error {
+	return n.cni.GetStatusNetworkList(ctx, n.list)
+}
+
+// GC runs the chain's GC with the pods the runtime still has.
+func (n *Node) GC(ctx context.Context, keep []*Pod) error {
+	var valid []types.GCAttachment
+	for _, p := range keep {
+		valid = append(valid, types.GCAttachment{ContainerID: p.ContainerID, IfName: "eth0"})
+	}
+	return n.cni.GCNetworkList(ctx, n.list, &libcni.GCArgs{ValidAttachments: valid})
+}
+
+// Close stops the agent (a restart, not an uninstall: pins stay).
+func (n *Node) Close() error {
+	return n.StopAgent(syscall.SIGTERM)
+}
