@@ -177,6 +177,13 @@ func (n *node) client(w where, to string, args ...string) []wire.ClientResult {
 
 func (n *node) tryClient(w where, to string, args ...string) ([]wire.ClientResult, error) {
 	n.t.Helper()
+	return n.tryClientWithin(time.Minute, w, to, args...)
+}
+
+// tryClientWithin is tryClient with a bound on the client's run time, for
+// clients that open many connections.
+func (n *node) tryClientWithin(limit time.Duration, w where, to string, args ...string) ([]wire.ClientResult, error) {
+	n.t.Helper()
 	out, err := os.CreateTemp(n.t.TempDir(), "client-*")
 	if err != nil {
 		n.t.Fatal(err)
@@ -194,7 +201,7 @@ func (n *node) tryClient(w where, to string, args ...string) ([]wire.ClientResul
 	default:
 		proc = testenv.StartHost(n.t, opts)
 	}
-	werr := proc.Wait(60 * time.Second)
+	werr := proc.Wait(limit)
 	res := readResults(n.t, out.Name())
 	if werr != nil {
 		return res, werr
