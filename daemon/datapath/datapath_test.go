@@ -244,3 +244,33 @@ func btfLayout(typ btf.Type) string {
 	walk("", typ, 0)
 	return b.String()
 }
+
+// TestFullMapIsAClearError: rules beyond a map's capacity are refused with
+// an error naming the map, never silently dropped.
+func TestFullMapIsAClearError(t *testing.T) {
+	testenv.RequireRoot(t)
+	cg := testenv.TempCgroup(t)
+	d := load(t, filepath.Join(testenv.BPFFS(t), "meshlane"), cg.Path, false)
+	t.Cleanup(func() { d.Uninstall() })
+	fill, err := d.MapFill()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := pod(1, "198.18.0.1")
+	// One more port rule than meshlane_ports holds.
+	for port := 1; len(p.InboundExclude)+len(p.OutboundExcludePorts) <= fill["meshlane_ports"].Capacity; port++ {
+		if port <= 65535 {
+			p.InboundExclude = append(p.InboundExclude, uint16(port))
+		} else {
+			p.OutboundExcludePorts = append(p.OutboundExcludePorts, uint16(port-65535))
+		}
+	}
+	err = d.UpsertPod(p)
+	if err == nil || !strings.Contains(err.Error(), "meshlane_ports is full") {
+		t.Fatalf("upsert beyond capacity: %v", err)
+	}
+	// The pod was not published half-written and its rules were taken back.
+	if got := entries(t, d); got["meshlane_pods"] != 0 || got["meshlane_ports"] != 0 || got["meshlane_podips"] != 0 {
+		t.Fatalf("a pod whose rules did not fit left %v", got)
+	}
+}

@@ -146,14 +146,25 @@ func (p Pod) value() bpf.MeshlaneMlPod {
 // are written before the pod's own entry and stale rules removed after it,
 // so a concurrent connect() sees either the old settings or the new ones,
 // never a pod without its exclusions. A full map is an error naming it.
-func (d *Datapath) UpsertPod(p Pod) error {
+func (d *Datapath) UpsertPod(p Pod) (err error) {
 	if err := p.validate(); err != nil {
 		return err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 
+	old := d.written[p.NetnsCookie]
+	if old == nil {
+		old = newPodKeys()
+	}
 	want := p.keys()
+	defer func() {
+		if err != nil {
+			// Take back what this call added, so a refused pod leaves no
+			// orphan rules behind (the previous version stays in force).
+			err = errors.Join(err, d.deleteStale(p.NetnsCookie, want, old))
+		}
+	}()
 	for k, f := range p.portFlags() {
 		if err := d.objs.MeshlanePorts.Update(k, f, ebpf.UpdateAny); err != nil {
 			return mapErr("meshlane_ports", err)
@@ -172,14 +183,8 @@ func (d *Datapath) UpsertPod(p Pod) error {
 	if err := d.objs.MeshlanePods.Update(p.NetnsCookie, p.value(), ebpf.UpdateAny); err != nil {
 		return mapErr("meshlane_pods", err)
 	}
-
-	if old := d.written[p.NetnsCookie]; old != nil {
-		if err := d.deleteStale(p.NetnsCookie, old, want); err != nil {
-			return err
-		}
-	}
 	d.written[p.NetnsCookie] = want
-	return nil
+	return d.deleteStale(p.NetnsCookie, old, want)
 }
 
 // DeletePod removes every entry of the pod. Deleting a pod that is not

@@ -42,12 +42,13 @@ const appUID = 1000
 // node is one simulated node: a cgroup with the datapath attached, a
 // private bpffs and a bridge for its pods.
 type node struct {
-	t   *testing.T
-	cg  *testenv.Cgroup
-	dp  *datapath.Datapath
-	br  *testenv.Bridge
-	bin string
-	n   int
+	t     *testing.T
+	cg    *testenv.Cgroup
+	bpffs string
+	dp    *datapath.Datapath
+	br    *testenv.Bridge
+	bin   string
+	n     int
 }
 
 // nodes numbers the nodes of this test binary: bridge names must differ.
@@ -56,14 +57,10 @@ var nodes int
 func newNode(t *testing.T, sockmap bool) *node {
 	t.Helper()
 	testenv.RequireRoot(t)
-	cg := testenv.TempCgroup(t)
-	bpffs := testenv.BPFFS(t)
-	dp, err := datapath.Load(datapath.Options{BPFFS: filepath.Join(bpffs, "meshlane"), CgroupPath: cg.Path, Sockmap: sockmap})
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := &node{t: t, cg: testenv.TempCgroup(t), bpffs: filepath.Join(testenv.BPFFS(t), "meshlane")}
+	reloadNode(t, n, sockmap)
 	t.Cleanup(func() {
-		if err := dp.Uninstall(); err != nil {
+		if err := n.dp.Uninstall(); err != nil {
 			t.Errorf("uninstall datapath: %v", err)
 		}
 	})
@@ -72,8 +69,20 @@ func newNode(t *testing.T, sockmap bool) *node {
 		t.Fatal(err)
 	}
 	nodes++
-	br := testenv.NewBridge(t, fmt.Sprintf("dp%d", nodes), v4, v6)
-	return &node{t: t, cg: cg, dp: dp, br: br, bin: testenv.BuildPodbin(t)}
+	n.br = testenv.NewBridge(t, fmt.Sprintf("dp%d", nodes), v4, v6)
+	n.bin = testenv.BuildPodbin(t)
+	return n
+}
+
+// reloadNode loads the datapath on the node's cgroup and pins, as an agent
+// start (or restart, when the node's previous datapath was closed) does.
+func reloadNode(t *testing.T, n *node, sockmap bool) {
+	t.Helper()
+	dp, err := datapath.Load(datapath.Options{BPFFS: n.bpffs, CgroupPath: n.cg.Path, Sockmap: sockmap})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.dp = dp
 }
 
 // pod makes a dual-stack pod on the node's bridge.
