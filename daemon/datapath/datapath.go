@@ -71,10 +71,27 @@ func (o Options) mapsDir() string {
 
 func (o Options) linksDir() string { return filepath.Join(o.BPFFS, "links") }
 
-// Load probes the kernel, loads the programs (reusing pinned maps, so a
-// restart keeps every pod and connection record), attaches or atomically
-// updates the pinned links, and returns the running datapath.
+// Load is LoadDetached followed by Attach, for callers with no pods to
+// restore first.
 func Load(opts Options) (*Datapath, error) {
+	d, err := LoadDetached(opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.Attach(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// LoadDetached probes the kernel and loads the programs and maps, reusing
+// pinned maps of the same layout (so a restart keeps every pod and
+// connection record), without touching what is attached. An agent restores
+// its pods into the maps before it calls Attach: after an upgrade that
+// changed a map layout the new maps start empty, and swapping the new
+// programs in before they are filled would stop redirection for a moment.
+func LoadDetached(opts Options) (*Datapath, error) {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
@@ -131,20 +148,39 @@ func Load(opts Options) (*Datapath, error) {
 		}
 		return nil, fmt.Errorf("datapath: load programs: %w", err)
 	}
-	if err := d.attach(); err != nil {
-		d.Close()
-		return nil, err
-	}
 	if err := d.loadWritten(); err != nil {
 		d.Close()
 		return nil, err
 	}
-	opts.Logger.Info("datapath attached",
-		zap.String("cgroup", opts.CgroupPath),
-		zap.String("bpffs", opts.BPFFS),
-		zap.Bool("sockmap", opts.Sockmap),
-		zap.Int("pods", len(d.written)))
 	return d, nil
+}
+
+// Attach attaches the programs, or swaps them into the pinned links of a
+// previous agent atomically, then removes maps pinned for older layouts,
+// which no program uses any more.
+func (d *Datapath) Attach() error {
+	if err := d.attach(); err != nil {
+		return err
+	}
+	old, err := filepath.Glob(filepath.Join(d.opts.BPFFS, "maps-v*"))
+	if err != nil {
+		return err
+	}
+	for _, dir := range old {
+		if dir == d.opts.mapsDir() {
+			continue
+		}
+		d.opts.Logger.Info("removing maps of an older layout", zap.String("dir", dir))
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("datapath: remove old maps %s: %w", dir, err)
+		}
+	}
+	d.opts.Logger.Info("datapath attached",
+		zap.String("cgroup", d.opts.CgroupPath),
+		zap.String("bpffs", d.opts.BPFFS),
+		zap.Bool("sockmap", d.opts.Sockmap),
+		zap.Int("pods", len(d.written)))
+	return nil
 }
 
 func boolByte(b bool) uint8 {

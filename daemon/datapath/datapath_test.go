@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 
@@ -272,5 +273,76 @@ func TestFullMapIsAClearError(t *testing.T) {
 	// The pod was not published half-written and its rules were taken back.
 	if got := entries(t, d); got["meshlane_pods"] != 0 || got["meshlane_ports"] != 0 || got["meshlane_podips"] != 0 {
 		t.Fatalf("a pod whose rules did not fit left %v", got)
+	}
+}
+
+func progIDs(t *testing.T, bpffs string) map[string]ebpf.ProgramID {
+	t.Helper()
+	ids := map[string]ebpf.ProgramID{}
+	files, _ := filepath.Glob(filepath.Join(bpffs, "links", "*"))
+	for _, f := range files {
+		l, err := link.LoadPinnedLink(f, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := l.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[filepath.Base(f)] = info.Program
+		l.Close()
+	}
+	return ids
+}
+
+// TestUpgradeAcrossLayouts: an agent whose maps have a new layout loads
+// them empty without touching the attached programs, which keep the old
+// maps and keep redirecting; it fills its maps, then swaps its programs
+// into the same links and removes the old layout's pins.
+func TestUpgradeAcrossLayouts(t *testing.T) {
+	testenv.RequireRoot(t)
+	cg := testenv.TempCgroup(t)
+	bpffs := filepath.Join(testenv.BPFFS(t), "meshlane")
+	d := load(t, bpffs, cg.Path, false)
+	if err := d.UpsertPod(pod(7, "198.18.0.7")); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	// Pretend those pins came from an older layout.
+	cur := filepath.Join(bpffs, fmt.Sprintf("maps-v%d", datapath.LayoutVersion))
+	old := filepath.Join(bpffs, "maps-v0")
+	if err := os.Rename(cur, old); err != nil {
+		t.Fatal(err)
+	}
+	before, links := progIDs(t, bpffs), linkIDs(t, bpffs)
+
+	d, err := datapath.LoadDetached(datapath.Options{BPFFS: bpffs, CgroupPath: cg.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Uninstall() })
+	if got := entries(t, d); got["meshlane_pods"] != 0 {
+		t.Fatalf("new layout's maps not empty: %v", got)
+	}
+	if got := progIDs(t, bpffs); !equalMaps(got, before) {
+		t.Fatalf("loading swapped programs before the pods were restored: %v, before %v", got, before)
+	}
+	if err := d.UpsertPod(pod(7, "198.18.0.7")); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	after := progIDs(t, bpffs)
+	for name, id := range before {
+		if after[name] == id || after[name] == 0 {
+			t.Fatalf("link %s runs program %d after the upgrade, before %d", name, after[name], id)
+		}
+	}
+	if got := linkIDs(t, bpffs); !equalMaps(got, links) {
+		t.Fatalf("links replaced instead of updated in place: %v, before %v", got, links)
+	}
+	if _, err := os.Stat(old); !os.IsNotExist(err) {
+		t.Fatalf("old layout's pins still there: %v", err)
 	}
 }
