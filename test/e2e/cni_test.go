@@ -429,3 +429,32 @@ func TestBadAnnotations(t *testing.T) {
 		t.Fatalf("a rejected ADD left %v", pods)
 	}
 }
+
+// TestPluginLogRelay: what the plugin logs reaches the agent's log, not
+// only the runtime's journal. Under failPolicy open a rejected pod is let
+// through with a warning, which the agent must show.
+func TestPluginLogRelay(t *testing.T) {
+	e := newEnv(t, "1.1.0", "open")
+	ann := istio()
+	ann["traffic.sidecar.istio.io/excludeOutboundPorts"] = "abc"
+	p := e.add("relayed", ann)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		logMu.Lock()
+		log := e.log.String()
+		logMu.Unlock()
+		var line string
+		for _, l := range strings.Split(log, "\n") {
+			if strings.Contains(l, "cni-plugin") && strings.Contains(l, p.ContainerID) {
+				line = l
+			}
+		}
+		if strings.Contains(line, "excludeOutboundPorts") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no relayed plugin warning naming the annotation for %s in the agent log:\n%s", p.ContainerID, log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
