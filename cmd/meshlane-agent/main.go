@@ -10,6 +10,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
@@ -31,6 +33,15 @@ import (
 // plugin retries anything cut off.
 const shutdownTimeout = 10 * time.Second
 
+// DefaultProbeAddr serves /healthz, /readyz and /metrics over TCP. It is
+// loopback only: the agent runs in the host network, so a kubelet probe
+// must name host 127.0.0.1, and a Prometheus scraping from elsewhere needs
+// --probe-addr on a reachable address.
+const DefaultProbeAddr = "127.0.0.1:15999"
+
+// version is set at build time: -ldflags "-X main.version=v1.2.3".
+var version = "dev"
+
 type options struct {
 	socket     string
 	bpffs      string
@@ -41,6 +52,7 @@ type options struct {
 	profile    string
 	sockmap    bool
 	gcInterval time.Duration
+	probeAddr  string
 }
 
 func main() {
@@ -88,6 +100,7 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	// measurements recorded in docs.
 	fs.BoolVar(&o.sockmap, "sockmap", false, "enable the sockops/sk_msg fast path between local sockets")
 	fs.DurationVar(&o.gcInterval, "gc-interval", agent.DefaultGCInterval, "period of the check for pods whose network namespace is gone")
+	fs.StringVar(&o.probeAddr, "probe-addr", DefaultProbeAddr, "TCP address serving /healthz, /readyz and /metrics (Prometheus) for the kubelet and scrapers; empty disables it")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
@@ -151,6 +164,8 @@ func run(o options, log *zap.Logger) error {
 		StateDir:   o.stateDir,
 		GCInterval: o.gcInterval,
 		Logger:     log,
+		Debug:      dp,
+		Version:    version,
 		Ready: func() (bool, string) {
 			if !ready.Load() {
 				return false, "shutting down"
@@ -171,28 +186,93 @@ func run(o options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	probes, err := listenProbes(o.probeAddr, a, log)
+	if err != nil {
+		l.Close()
+		return err
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	served := make(chan error, 1)
 	go func() { served <- a.Serve(l) }()
+	// Without a probe address probed stays nil and never fires.
+	var probed chan error
+	if probes.srv != nil {
+		probed = make(chan error, 1)
+		go func() { probed <- probes.serve() }()
+	}
 	ready.Store(true)
-	log.Info("meshlane-agent serving", zap.String("socket", o.socket), zap.String("profile", profile.Name),
-		zap.String("cgroup", o.cgroup), zap.String("state_dir", o.stateDir))
+	log.Info("meshlane-agent serving", zap.String("socket", o.socket), zap.String("probe_addr", probes.addr()),
+		zap.String("profile", profile.Name), zap.String("cgroup", o.cgroup), zap.String("state_dir", o.stateDir),
+		zap.String("version", version))
 
+	var failed error
 	select {
 	case err := <-served:
-		return fmt.Errorf("socket server: %w", err)
+		failed = fmt.Errorf("socket server: %w", err)
+	case err := <-probed:
+		failed = fmt.Errorf("probe server on %s: %w", o.probeAddr, err)
 	case <-ctx.Done():
+		log.Info("signal received: stopping; the pinned datapath keeps redirecting")
 	}
 	ready.Store(false)
-	log.Info("signal received: stopping; the pinned datapath keeps redirecting")
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	if err := a.Shutdown(sctx); err != nil {
 		log.Warn("requests still in flight at shutdown were cut off; the plugin retries them", zap.Error(err))
 	}
+	probes.shutdown(sctx)
+	if failed != nil {
+		return failed
+	}
 	return <-served
+}
+
+// probeServer serves the agent's probe handler over TCP; with no address
+// it does nothing.
+type probeServer struct {
+	srv *http.Server
+	l   net.Listener
+}
+
+func listenProbes(addr string, a *agent.Agent, log *zap.Logger) (*probeServer, error) {
+	if addr == "" {
+		return &probeServer{}, nil
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--probe-addr: listen on %s: %w (choose a free port, or empty to disable)", addr, err)
+	}
+	return &probeServer{l: l, srv: &http.Server{
+		Handler:           a.ProbeHandler(),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		ErrorLog:          zap.NewStdLog(log.Named("probes")),
+	}}, nil
+}
+
+func (p *probeServer) addr() string {
+	if p.l == nil {
+		return ""
+	}
+	return p.l.Addr().String()
+}
+
+// serve blocks until shutdown (returning nil) or a failure.
+func (p *probeServer) serve() error {
+	if err := p.srv.Serve(p.l); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func (p *probeServer) shutdown(ctx context.Context) {
+	if p.srv != nil {
+		p.srv.Shutdown(ctx)
+	}
 }
 
 // cgroup2Root returns the mount point of the first cgroup2 filesystem

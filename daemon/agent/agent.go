@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -59,6 +60,12 @@ type Config struct {
 	// Ready answers /readyz: ready, or the reason it is not. Nil means
 	// ready whenever the socket is served.
 	Ready func() (bool, string)
+	// Debug is the read-only datapath view behind /v1/status, the debug
+	// endpoints and /metrics; nil serves them without datapath details.
+	Debug DatapathView
+	// Version is the agent's build version, reported in status and
+	// metrics.
+	Version string
 }
 
 // PodRecord is what the agent holds about one pod: the report it got, the
@@ -94,6 +101,11 @@ type Agent struct {
 	log        *zap.Logger
 	ready      func() (bool, string)
 	events     *ring
+	view       DatapathView
+	version    string
+	started    time.Time
+	metrics    *metrics
+	install    atomic.Pointer[func() api.InstallStatus]
 
 	// waitFor are the sidecars a waiting pod may turn out to have: the
 	// default profile first, then the other meshes, each with its
@@ -147,11 +159,15 @@ func New(cfg Config) (*Agent, error) {
 		log:        cfg.Logger,
 		ready:      cfg.Ready,
 		events:     newRing(eventRingSize),
+		view:       cfg.Debug,
+		version:    cfg.Version,
+		started:    time.Now(),
 		waitFor:    waitFor,
 		pods:       make(map[string]*entry),
 		ctx:        ctx,
 		cancel:     cancel,
 	}
+	a.metrics = newMetrics(a)
 	a.srv = a.newServer()
 	a.wg.Add(1)
 	go a.gcLoop()

@@ -137,14 +137,17 @@ type route struct {
 // Handler returns the agent's HTTP API, root callers only.
 func (a *Agent) Handler() http.Handler {
 	routes := map[string]route{
-		api.PathAdd:     {http.MethodPost, a.podHandler(a.Add)},
-		api.PathDel:     {http.MethodPost, a.podHandler(a.Del)},
-		api.PathCheck:   {http.MethodPost, a.podHandler(a.Check)},
-		api.PathGC:      {http.MethodPost, a.handleGC},
+		api.PathAdd:     {http.MethodPost, a.metrics.instrument(verbAdd, a.podHandler(a.Add))},
+		api.PathDel:     {http.MethodPost, a.metrics.instrument(verbDel, a.podHandler(a.Del))},
+		api.PathCheck:   {http.MethodPost, a.metrics.instrument(verbCheck, a.podHandler(a.Check))},
+		api.PathGC:      {http.MethodPost, a.metrics.instrument(verbGC, a.handleGC)},
 		api.PathLog:     {http.MethodPost, a.handleLog},
 		api.PathPods:    {http.MethodGet, a.handlePods},
 		api.PathHealthz: {http.MethodGet, handleHealthz},
 		api.PathReadyz:  {http.MethodGet, a.handleReadyz},
+	}
+	for path, h := range a.debugRoutes() {
+		routes[path] = route{http.MethodGet, h}
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p, _ := r.Context().Value(peerKey{}).(peer)
@@ -239,8 +242,18 @@ func (a *Agent) handleLog(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (a *Agent) handlePods(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, a.Pods())
+// handlePods lists the held pods, or with ?pod= the one it names.
+func (a *Agent) handlePods(w http.ResponseWriter, r *http.Request) {
+	if !r.URL.Query().Has(api.QueryPod) {
+		writeJSON(w, http.StatusOK, a.Pods())
+		return
+	}
+	rec, err := a.FindPod(r.URL.Query().Get(api.QueryPod))
+	if err != nil {
+		writeOpError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, []PodRecord{rec})
 }
 
 func handleHealthz(w http.ResponseWriter, _ *http.Request) {
