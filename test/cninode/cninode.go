@@ -186,6 +186,8 @@ func (n *Node) StartAgent() error {
 		"--profile", n.opts.Profile,
 		"--log-format", "console",
 		fmt.Sprintf("--sockmap=%v", n.opts.Sockmap),
+		// No TCP probe port: several simulated nodes may run at once.
+		"--probe-addr=",
 	}
 	cmd := exec.Command(n.opts.Bin.Agent, append(args, n.opts.AgentArgs...)...)
 	cmd.Stdout, cmd.Stderr = n.opts.AgentLog, n.opts.AgentLog

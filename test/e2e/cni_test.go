@@ -63,6 +63,12 @@ type env struct {
 
 func newEnv(t *testing.T, cniVersion, failPolicy string) *env {
 	t.Helper()
+	return newEnvWith(t, cniVersion, failPolicy)
+}
+
+// newEnvWith starts a node whose agent gets extra flags.
+func newEnvWith(t *testing.T, cniVersion, failPolicy string, agentArgs ...string) *env {
+	t.Helper()
 	testenv.RequireRoot(t)
 	e := &env{t: t, cg: testenv.TempCgroup(t), bpffs: filepath.Join(testenv.BPFFS(t), "meshlane"), bin: testenv.BuildPodbin(t), log: &bytes.Buffer{}}
 	v4, v6, err := testenv.FreeSubnets()
@@ -73,7 +79,7 @@ func newEnv(t *testing.T, cniVersion, failPolicy string) *env {
 	e.node, err = cninode.Start(cninode.Options{
 		Bin: binaries(t), Dir: t.TempDir(), Cgroup: e.cg, BPFFS: e.bpffs,
 		CNIVersion: cniVersion, Bridge: brName, Subnet4: v4, Subnet6: v6,
-		FailPolicy: failPolicy, AgentLog: syncWriter{e},
+		FailPolicy: failPolicy, AgentLog: syncWriter{e}, AgentArgs: agentArgs,
 	})
 	if err != nil {
 		t.Fatalf("%v\nagent log:\n%s", err, e.log)
