@@ -1,5 +1,6 @@
-# The meshlane image: meshlane-agent (the DaemonSet's process) and
-# meshlane-cni (which the agent copies into the host's CNI bin directory).
+# The meshlane image: meshlane-agent (the DaemonSet's process),
+# meshlane-cni (which the agent copies into the host's CNI bin directory)
+# and meshlanectl (kubectl exec into the agent pod to debug the node).
 #   docker build -t ghcr.io/meshlane/meshlane:dev --build-arg VERSION=dev .
 # The eBPF object is committed (bpf/) and embedded in the agent, so the build
 # needs no clang.
@@ -14,8 +15,8 @@ ARG VERSION=dev
 # Static binaries: the runtime image has no libc, and meshlane-cni runs on
 # the host, whatever libc the node has.
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.buildVersion=${VERSION}" \
-    -o /out/ ./cmd/meshlane-agent ./cmd/meshlane-cni
+    -o /out/ ./cmd/meshlane-agent ./cmd/meshlane-cni ./cmd/meshlanectl
 
 FROM gcr.io/distroless/static-debian12
-COPY --from=build /out/meshlane-agent /out/meshlane-cni /usr/local/bin/
+COPY --from=build /out/meshlane-agent /out/meshlane-cni /out/meshlanectl /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/meshlane-agent"]

@@ -53,9 +53,22 @@ type options struct {
 	sockmap    bool
 	gcInterval time.Duration
 	probeAddr  string
+	installCNI bool
+	cni        cniFlags
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "uninstall" {
+		err := runUninstall(os.Args[2:], os.Stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "meshlane-agent uninstall: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	opts, err := parseFlags(os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return
@@ -84,9 +97,10 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	fs := flag.NewFlagSet("meshlane-agent", flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.Usage = func() {
-		fmt.Fprintf(out, "Usage: meshlane-agent [flags]\n\n"+
+		fmt.Fprintf(out, "Usage: meshlane-agent [flags]\n       meshlane-agent uninstall [flags]\n\n"+
 			"Loads and pins the meshlane eBPF datapath and serves the CNI plugin on a\n"+
-			"root-only unix socket. Stopping the agent keeps the pinned datapath working.\n\nFlags:\n")
+			"root-only unix socket. Stopping the agent keeps the pinned datapath working;\n"+
+			"`uninstall` removes meshlane from the node (see its --help).\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "unix socket the CNI plugin connects to")
@@ -100,6 +114,8 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	// measurements recorded in docs.
 	fs.BoolVar(&o.sockmap, "sockmap", false, "enable the sockops/sk_msg fast path between local sockets")
 	fs.DurationVar(&o.gcInterval, "gc-interval", agent.DefaultGCInterval, "period of the check for pods whose network namespace is gone")
+	fs.BoolVar(&o.installCNI, "install-cni", false, "install meshlane-cni into the host's CNI directories and keep it chained (the DaemonSet's mode)")
+	o.cni.register(fs)
 	fs.StringVar(&o.probeAddr, "probe-addr", DefaultProbeAddr, "TCP address serving /healthz, /readyz and /metrics (Prometheus) for the kubelet and scrapers; empty disables it")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
@@ -145,7 +161,10 @@ func run(o options, log *zap.Logger) error {
 		}
 	}
 
-	dp, err := datapath.Load(datapath.Options{BPFFS: o.bpffs, CgroupPath: o.cgroup, Sockmap: o.sockmap, Logger: log})
+	// Loaded detached: the pods are restored into the maps before the
+	// programs are swapped in, which matters after an upgrade that changed
+	// a map layout (the new maps start empty).
+	dp, err := datapath.LoadDetached(datapath.Options{BPFFS: o.bpffs, CgroupPath: o.cgroup, Sockmap: o.sockmap, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -157,7 +176,11 @@ func run(o options, log *zap.Logger) error {
 		}
 	}()
 
-	var ready atomic.Bool
+	var ready, attached atomic.Bool
+	var inst *installer
+	if o.installCNI {
+		inst = &installer{}
+	}
 	a, err := agent.New(agent.Config{
 		Maps:       dp,
 		Profile:    profile,
@@ -166,9 +189,17 @@ func run(o options, log *zap.Logger) error {
 		Logger:     log,
 		Debug:      dp,
 		Version:    version,
+		// Ready only when the datapath is attached and, in the DaemonSet,
+		// the plugin is installed and chained.
 		Ready: func() (bool, string) {
+			if !attached.Load() {
+				return false, "datapath not attached"
+			}
 			if !ready.Load() {
 				return false, "shutting down"
+			}
+			if inst != nil {
+				return inst.ready()
 			}
 			return true, ""
 		},
@@ -181,6 +212,13 @@ func run(o options, log *zap.Logger) error {
 	// agent that has not recovered its pods.
 	if err := a.Restore(); err != nil {
 		return err
+	}
+	if err := dp.Attach(); err != nil {
+		return err
+	}
+	attached.Store(true)
+	if inst != nil {
+		a.SetInstallState(inst.status)
 	}
 	l, err := agent.ListenUnix(o.socket)
 	if err != nil {
@@ -202,6 +240,12 @@ func run(o options, log *zap.Logger) error {
 		probed = make(chan error, 1)
 		go func() { probed <- probes.serve() }()
 	}
+	// The socket serves before the plugin is chained: the first pod that
+	// goes through meshlane-cni finds an agent.
+	installed := make(chan error, 1)
+	if inst != nil {
+		go func() { installed <- watchInstall(ctx, o.cni.config(o.socket, log), inst) }()
+	}
 	ready.Store(true)
 	log.Info("meshlane-agent serving", zap.String("socket", o.socket), zap.String("probe_addr", probes.addr()),
 		zap.String("profile", profile.Name), zap.String("cgroup", o.cgroup), zap.String("state_dir", o.stateDir),
@@ -213,6 +257,8 @@ func run(o options, log *zap.Logger) error {
 		failed = fmt.Errorf("socket server: %w", err)
 	case err := <-probed:
 		failed = fmt.Errorf("probe server on %s: %w", o.probeAddr, err)
+	case err := <-installed:
+		failed = err
 	case <-ctx.Done():
 		log.Info("signal received: stopping; the pinned datapath keeps redirecting")
 	}

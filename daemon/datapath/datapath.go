@@ -367,3 +367,38 @@ func (d *Datapath) Uninstall() error {
 	}
 	return errors.Join(errs...)
 }
+
+// RemovePins detaches a pinned datapath without loading it: each pinned
+// link is unpinned (which detaches its program once no process holds it)
+// and the maps are removed. It is what `meshlane-agent uninstall` runs on a
+// node; running it twice is fine.
+func RemovePins(bpffs string) error {
+	var errs []error
+	links, err := filepath.Glob(filepath.Join(bpffs, "links", "*"))
+	if err != nil {
+		return err
+	}
+	for _, pin := range links {
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("open pinned link %s: %w", pin, err))
+			continue
+		}
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
+		}
+		l.Close()
+	}
+	errs = append(errs, os.RemoveAll(filepath.Join(bpffs, "links")))
+	maps, err := filepath.Glob(filepath.Join(bpffs, "maps-v*"))
+	if err != nil {
+		return err
+	}
+	for _, dir := range maps {
+		errs = append(errs, os.RemoveAll(dir))
+	}
+	if err := os.Remove(bpffs); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}

@@ -91,6 +91,11 @@ type Options struct {
 	AgentLog io.Writer
 	// AgentArgs are extra agent flags.
 	AgentArgs []string
+	// Install has the agent install the plugin itself, as in the
+	// DaemonSet: the node starts with a primary conflist that does not
+	// name meshlane-cni and a CNI bin dir without it, and the chain used
+	// for pods is whatever the agent's installer wrote.
+	Install bool
 }
 
 // Node is a running simulated node.
@@ -100,6 +105,8 @@ type Node struct {
 	list  *libcni.NetworkConfigList
 	Sock  string
 	State string
+	// BinDir and ConfDir are the node's CNI directories in Install mode.
+	BinDir, ConfDir string
 
 	mu    sync.Mutex
 	agent *exec.Cmd
@@ -118,6 +125,9 @@ func Start(opts Options) (*Node, error) {
 		opts.FailPolicy = "closed"
 	}
 	n := &Node{opts: opts, Sock: filepath.Join(opts.Dir, "run", "meshlane.sock"), State: filepath.Join(opts.Dir, "state")}
+	if opts.Install {
+		return n, n.startInstalled()
+	}
 	conf, err := n.Conflist()
 	if err != nil {
 		return nil, err
@@ -132,41 +142,88 @@ func Start(opts Options) (*Node, error) {
 	return n, nil
 }
 
+// startInstalled prepares a node whose CNI directories hold only the
+// primary network, starts the agent with its installer, and loads the
+// chain the installer wrote, as the runtime would.
+func (n *Node) startInstalled() error {
+	n.BinDir, n.ConfDir = filepath.Join(n.opts.Dir, "cni-bin"), filepath.Join(n.opts.Dir, "net.d")
+	for _, d := range []string{n.BinDir, n.ConfDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	for _, p := range []string{"bridge", "host-local"} {
+		if err := os.Link(filepath.Join(n.opts.Bin.Dir, p), filepath.Join(n.BinDir, p)); err != nil {
+			return fmt.Errorf("stage CNI plugin %s: %w", p, err)
+		}
+	}
+	conf, err := n.conflist(false)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(n.ConfDir, "10-primary.conflist"), conf, 0o644); err != nil {
+		return err
+	}
+	n.opts.AgentArgs = append(n.opts.AgentArgs, "--install-cni",
+		"--cni-bin-dir", n.BinDir, "--cni-conf-dir", n.ConfDir,
+		"--plugin-src", filepath.Join(n.opts.Bin.Dir, "meshlane-cni"))
+	// Ready means the datapath is attached and the plugin chained.
+	if err := n.StartAgent(); err != nil {
+		return err
+	}
+	return n.LoadChain()
+}
+
+// LoadChain reads the network the runtime would use now: the first config
+// file in the conf dir (Install mode).
+func (n *Node) LoadChain() error {
+	files, err := libcni.ConfFiles(n.ConfDir, []string{".conf", ".conflist", ".json"})
+	if err != nil || len(files) == 0 {
+		return fmt.Errorf("no CNI config in %s: %v", n.ConfDir, err)
+	}
+	if n.list, err = libcni.ConfListFromFile(files[0]); err != nil {
+		return fmt.Errorf("load %s: %w", files[0], err)
+	}
+	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.BinDir}, filepath.Join(n.opts.Dir, "cni-cache"), nil)
+	return nil
+}
+
 // Conflist is the node's CNI configuration: the primary network (bridge +
 // host-local) with meshlane-cni chained last, declaring the capability
 // that makes the runtime pass pod annotations.
-func (n *Node) Conflist() ([]byte, error) {
+func (n *Node) Conflist() ([]byte, error) { return n.conflist(true) }
+
+func (n *Node) conflist(chained bool) ([]byte, error) {
 	var ranges [][]map[string]string
 	for _, p := range []netip.Prefix{n.opts.Subnet4, n.opts.Subnet6} {
 		if p.IsValid() {
 			ranges = append(ranges, []map[string]string{{"subnet": p.String()}})
 		}
 	}
-	conf := map[string]any{
-		"cniVersion": n.opts.CNIVersion,
-		"name":       "meshlane-test",
-		"plugins": []any{
-			map[string]any{
-				"type":             "bridge",
-				"bridge":           n.opts.Bridge,
-				"isGateway":        true,
-				"isDefaultGateway": true,
-				"ipam": map[string]any{
-					"type":    "host-local",
-					"ranges":  ranges,
-					"dataDir": filepath.Join(n.opts.Dir, "ipam"),
-				},
-			},
-			map[string]any{
-				"type":         "meshlane-cni",
-				"socket":       n.Sock,
-				"failPolicy":   n.opts.FailPolicy,
-				"timeout":      "5s",
-				"logLevel":     "warn",
-				"capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
+	plugins := []any{
+		map[string]any{
+			"type":             "bridge",
+			"bridge":           n.opts.Bridge,
+			"isGateway":        true,
+			"isDefaultGateway": true,
+			"ipam": map[string]any{
+				"type":    "host-local",
+				"ranges":  ranges,
+				"dataDir": filepath.Join(n.opts.Dir, "ipam"),
 			},
 		},
 	}
+	if chained {
+		plugins = append(plugins, map[string]any{
+			"type":         "meshlane-cni",
+			"socket":       n.Sock,
+			"failPolicy":   n.opts.FailPolicy,
+			"timeout":      "5s",
+			"logLevel":     "warn",
+			"capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
+		})
+	}
+	conf := map[string]any{"cniVersion": n.opts.CNIVersion, "name": "meshlane-test", "plugins": plugins}
 	return json.MarshalIndent(conf, "", "  ")
 }
 

@@ -69,6 +69,14 @@ func newEnv(t *testing.T, cniVersion, failPolicy string) *env {
 // newEnvWith starts a node whose agent gets extra flags.
 func newEnvWith(t *testing.T, cniVersion, failPolicy string, agentArgs ...string) *env {
 	t.Helper()
+	return newEnvOpts(t, func(o *cninode.Options) {
+		o.CNIVersion, o.FailPolicy, o.AgentArgs = cniVersion, failPolicy, agentArgs
+	})
+}
+
+// newEnvOpts starts a node with options set by edit.
+func newEnvOpts(t *testing.T, edit func(*cninode.Options)) *env {
+	t.Helper()
 	testenv.RequireRoot(t)
 	e := &env{t: t, cg: testenv.TempCgroup(t), bpffs: filepath.Join(testenv.BPFFS(t), "meshlane"), bin: testenv.BuildPodbin(t), log: &bytes.Buffer{}}
 	v4, v6, err := testenv.FreeSubnets()
@@ -76,11 +84,12 @@ func newEnvWith(t *testing.T, cniVersion, failPolicy string, agentArgs ...string
 		t.Fatal(err)
 	}
 	brName := testenv.LinkName()
-	e.node, err = cninode.Start(cninode.Options{
+	opts := cninode.Options{
 		Bin: binaries(t), Dir: t.TempDir(), Cgroup: e.cg, BPFFS: e.bpffs,
-		CNIVersion: cniVersion, Bridge: brName, Subnet4: v4, Subnet6: v6,
-		FailPolicy: failPolicy, AgentLog: syncWriter{e}, AgentArgs: agentArgs,
-	})
+		Bridge: brName, Subnet4: v4, Subnet6: v6, AgentLog: syncWriter{e},
+	}
+	edit(&opts)
+	e.node, err = cninode.Start(opts)
 	if err != nil {
 		t.Fatalf("%v\nagent log:\n%s", err, e.log)
 	}

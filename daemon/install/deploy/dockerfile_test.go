@@ -76,7 +76,7 @@ func TestDockerfile(t *testing.T) {
 		t.Errorf("the build must be static (CGO_ENABLED=0): %s", d.build)
 	}
 	slices.Sort(d.packages)
-	if want := []string{"./cmd/meshlane-agent", "./cmd/meshlane-cni"}; !slices.Equal(d.packages, want) {
+	if want := []string{"./cmd/meshlane-agent", "./cmd/meshlane-cni", "./cmd/meshlanectl"}; !slices.Equal(d.packages, want) {
 		t.Errorf("the Dockerfile builds %v, want %v", d.packages, want)
 	}
 	for _, p := range d.packages {
