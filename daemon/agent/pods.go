@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -89,6 +90,9 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 	}}
 	switch d.Membership {
 	case mesh.Meshed:
+		if err := prepareNetns(ev.Netns, d.Profile, ips); err != nil {
+			return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("ADD %s: %w", ev.ContainerID, err))
+		}
 		pod := d.Settings.Pod(cookie, ips)
 		if err := a.maps.UpsertPod(pod); err != nil {
 			a.persistOrLog()
@@ -272,4 +276,18 @@ func (a *Agent) netnsStale(e *entry) (bool, error) {
 		return false, fmt.Errorf("pod %s: %w", e.rec.Event.ContainerID, err)
 	}
 	return cookie != e.rec.NetnsCookie, nil
+}
+
+// prepareNetns does inside a meshed pod what the mesh's init container did
+// besides iptables: the addresses its sidecar expects on lo.
+func prepareNetns(netnsPath string, p mesh.Profile, ips []netip.Addr) error {
+	if !slices.ContainsFunc(ips, func(ip netip.Addr) bool { return ip.Is6() && !ip.Is4In6() }) {
+		return nil
+	}
+	for _, addr := range p.LoopbackAddrs6 {
+		if err := podns.AddLoopbackAddr(netnsPath, addr); err != nil {
+			return fmt.Errorf("prepare the pod for its %s sidecar: %w", p.Name, err)
+		}
+	}
+	return nil
 }

@@ -11,6 +11,7 @@ package mesh
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 )
 
@@ -47,6 +48,10 @@ type Profile struct {
 	// annotation; they only serve to explain a NotMeshed decision.
 	OptOutAnnotation string
 	OptOutValue      string
+
+	// LoopbackAddrs6 are addresses the mesh's init container puts on lo of
+	// IPv6 pods, which the agent adds in its place.
+	LoopbackAddrs6 []netip.Prefix
 }
 
 // Istio is the Istio sidecar profile (Envoy run by pilot-agent).
@@ -64,6 +69,9 @@ var Istio = Profile{
 	ReadyPort:        15001,
 	OptOutAnnotation: "sidecar.istio.io/inject",
 	OptOutValue:      "false",
+	// Envoy connects to the app from ::6 for IPv6 inbound passthrough
+	// (127.0.0.6 needs nothing: all of 127/8 is on lo).
+	LoopbackAddrs6: []netip.Prefix{netip.MustParsePrefix("::6/128")},
 }
 
 // Linkerd is the Linkerd2 proxy profile.
@@ -99,6 +107,7 @@ func ProfileByName(name string) (Profile, error) {
 // clone copies p deeply enough that no slice is shared with the original.
 func (p Profile) clone() Profile {
 	p.ProxyPorts = slices.Clone(p.ProxyPorts)
+	p.LoopbackAddrs6 = slices.Clone(p.LoopbackAddrs6)
 	return p
 }
 

@@ -7,6 +7,8 @@ package podns
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"time"
@@ -189,3 +191,37 @@ func ListenerUp(netnsPath string, port uint16) (bool, error) {
 
 // tcpListen is TCP_LISTEN from the kernel's tcp_states.h.
 const tcpListen = 10
+
+// AddLoopbackAddr puts addr on the lo interface of the netns at netnsPath,
+// without duplicate address detection; an address already there is fine.
+// Istio's init container adds ::6 this way for the sidecar's IPv6 inbound
+// passthrough, and meshlane replaces that container.
+func AddLoopbackAddr(netnsPath string, addr netip.Prefix) error {
+	f, err := openNetns(netnsPath)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var h *netlink.Handle
+	err = onIsolatedThread(func() error {
+		var err error
+		h, err = netlink.NewHandleAt(netns.NsHandle(int(f.Fd())), unix.NETLINK_ROUTE)
+		return err
+	})
+	if err != nil {
+		if h != nil {
+			h.Close()
+		}
+		return fmt.Errorf("netlink handle in %s: %w", netnsPath, err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo in %s: %w", netnsPath, err)
+	}
+	a := &netlink.Addr{IPNet: &net.IPNet{IP: addr.Addr().AsSlice(), Mask: net.CIDRMask(addr.Bits(), addr.Addr().BitLen())}, Flags: unix.IFA_F_NODAD}
+	if err := h.AddrAdd(lo, a); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add %s to lo in %s: %w", addr, netnsPath, err)
+	}
+	return nil
+}

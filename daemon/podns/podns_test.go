@@ -3,6 +3,7 @@ package podns_test
 import (
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"testing"
 
@@ -147,4 +148,33 @@ func TestListenerUp(t *testing.T) {
 
 	ns.Listen(t, "tcp6", "[::1]:4140")
 	check(4140, true)
+}
+
+// TestAddLoopbackAddr: ::6 lands on the pod's lo (not the host's), ready
+// to bind at once, and adding it twice is fine.
+func TestAddLoopbackAddr(t *testing.T) {
+	ns := podnstest.New(t)
+	p := netip.MustParsePrefix("::6/128")
+	for range 2 {
+		if err := podns.AddLoopbackAddr(ns.Path, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := ns.Do(func() error {
+		l, err := net.Listen("tcp", "[::6]:0")
+		if err != nil {
+			return err
+		}
+		return l.Close()
+	})
+	if err != nil {
+		t.Fatalf("bind ::6 in the pod: %v", err)
+	}
+	if l, err := net.Listen("tcp", "[::6]:0"); err == nil {
+		l.Close()
+		t.Fatal("::6 was added to the host's lo, not the pod's")
+	}
+	if err := podns.AddLoopbackAddr("/nonexistent/netns", p); err == nil {
+		t.Fatal("no error for a missing netns")
+	}
 }

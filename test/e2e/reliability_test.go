@@ -5,8 +5,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -152,4 +154,29 @@ func countLines(t *testing.T, path string) int {
 		}
 	}
 	return n
+}
+
+// TestIPv6ThroughBothSidecars: between two meshed pods made by the chain,
+// an IPv6 request goes through the client's sidecar and the server's, whose
+// inbound passthrough connects to the app from ::6: the agent put ::6 on
+// the pod's lo, as the Istio init container it replaces would have.
+func TestIPv6ThroughBothSidecars(t *testing.T) {
+	e := newEnv(t, "1.1.0", "")
+	client, server, events := meshedPair(e)
+	to := netip.AddrPortFrom(server.IPv6, 8080).String()
+	out, err := runIn(e, client, 1000, "client", "--to", to, "--bytes", "65536")
+	if err != nil {
+		t.Fatalf("client: %v %s", err, out)
+	}
+	var r wire.ClientResult
+	if err := json.Unmarshal(out, &r); err != nil || !r.Match {
+		t.Fatalf("client result %s: %v", out, err)
+	}
+	if !strings.Contains(r.Reply, "remote=[::6]:") {
+		t.Fatalf("the app saw %q, want a connection from ::6 (the inbound passthrough)", r.Reply)
+	}
+	ev, _ := testenv.ReadEvents[wire.SidecarEvent](events)
+	if !hasOrig(ev, to) {
+		t.Fatalf("not through the client's sidecar: %+v", ev)
+	}
 }
