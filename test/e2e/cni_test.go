@@ -43,6 +43,7 @@ func binaries(t *testing.T) cninode.Binaries {
 			buildErr = err
 			return
 		}
+		testenv.AtExit(func() error { return os.RemoveAll(dir) })
 		bins, buildErr = cninode.Build(dir)
 	})
 	if buildErr != nil {

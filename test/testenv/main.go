@@ -12,10 +12,23 @@ import (
 	"github.com/vishvananda/netlink"
 )
 
+// atExit holds cleanups of resources shared by a whole test binary.
+var atExit []func() error
+
+// AtExit registers a cleanup that Main runs after every test, before it
+// checks for leftovers: for resources built once per test binary.
+func AtExit(f func() error) { atExit = append(atExit, f) }
+
 // Main runs the tests, removes the podbin build and fails the run if
 // anything this process created is still there. Call it from TestMain.
 func Main(m *testing.M) {
 	code := m.Run()
+	for i := len(atExit) - 1; i >= 0; i-- {
+		if err := atExit[i](); err != nil {
+			fmt.Fprintf(os.Stderr, "testenv: cleanup at exit: %v\n", err)
+			code = max(code, 1)
+		}
+	}
 	if err := removePodbin(); err != nil {
 		fmt.Fprintf(os.Stderr, "testenv: remove podbin build: %v\n", err)
 	}
