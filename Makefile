@@ -6,7 +6,7 @@ PKGS    := ./...
 # detector off for the datapath packages' real-socket tests to keep CI fast.
 TESTFLAGS ?= -count=1 -timeout 25m
 
-.PHONY: all build generate check-generate test lint fuzz clean deps
+.PHONY: all build generate check-generate test lint fuzz clean deps demo
 
 all: build
 
@@ -27,8 +27,13 @@ check-generate: generate
 deps:
 	hack/deps.sh
 
+## demo: a simulated node on this machine (root): pods wired by the real CNI chain, agent and datapath live; DEMOFLAGS="--pods 5 --profile linkerd --sockmap --wait"
+DEMOFLAGS ?=
+demo: deps
+	$(GO) run ./hack/demo $(DEMOFLAGS)
+
 ## test: every test; the privileged ones need root (they create namespaces, cgroups, bpffs)
-test:
+test: deps
 	$(GO) test $(TESTFLAGS) $(PKGS)
 
 ## lint: gofmt and go vet
