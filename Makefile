@@ -51,3 +51,18 @@ clean:
 
 help:
 	@grep -E '^## ' Makefile | sed 's/## //'
+
+.PHONY: bench bench-quick
+
+## bench: the data-path benchmark, as root with wrk installed (make deps); about 10 minutes; results in results/bench-<time>/
+BENCHFLAGS ?=
+bench:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/meshlane-bench ./hack/bench
+	$(BIN)/meshlane-bench $(BENCHFLAGS)
+
+## bench-quick: a smoke run of the benchmark (under 3 minutes) that checks it works, not the numbers
+bench-quick:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/meshlane-bench ./hack/bench
+	$(BIN)/meshlane-bench --quick $(BENCHFLAGS)

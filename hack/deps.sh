@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages meshlane builds and tests with: clang and
-# libbpf headers (make generate), iproute2 and iptables (tests, demo, bench).
+# libbpf headers (make generate), iproute2 and iptables (tests, demo, bench),
+# wrk (the load generator of make bench).
 set -euo pipefail
 need=()
 command -v clang >/dev/null || need+=(clang llvm)
@@ -8,6 +9,7 @@ command -v clang >/dev/null || need+=(clang llvm)
 [ -f /usr/include/linux/bpf.h ] || need+=(linux-libc-dev)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
+command -v wrk >/dev/null || need+=(wrk)
 if [ ${#need[@]} -gt 0 ]; then
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq

@@ -16,6 +16,7 @@ Commands:
   sidecar   L4 mesh sidecar stand-in: reads SO_ORIGINAL_DST and relays
   server    app server: answers HELLO with the addresses it sees, then echoes
   client    app client: HELLO exchange and optional echo check, JSON results
+  http-server  HTTP/1.1 keep-alive server answering every GET with a fixed body
 
 Run "podbin <command> --help" for the flags of a command.
 `
@@ -33,6 +34,8 @@ func main() {
 		run = runServer
 	case "client":
 		run = runClient
+	case "http-server":
+		run = runHTTPServer
 	case "-h", "-help", "--help", "help":
 		fmt.Print(usage)
 		return

@@ -1,0 +1,331 @@
+// Command bench measures meshlane's data path against the iptables
+// redirect it replaces: HTTP through two sidecars between pods on one node,
+// through one sidecar to a non-meshed pod, new connections per second,
+// bulk throughput, and the connect() tax on pods outside the mesh.
+//
+// Every mode runs on the same topology (a bridge; pods A, B, R and C in
+// network namespaces; every process in one cgroup), built anew per mode and
+// round, and rounds rotate the mode order so a noisy neighbour hits every
+// mode alike. It needs root and wrk; results go to results/bench-<time>/.
+// See docs/benchmarks.md.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// settleTime separates one mode's teardown from the next mode's set-up.
+const settleTime = 2 * time.Second
+
+// config is what a run measures; it is recorded in results.json.
+type config struct {
+	Rounds   int           `json:"rounds"`
+	Duration time.Duration `json:"duration"`
+	Warmup   time.Duration `json:"warmup"`
+	Quick    bool          `json:"quick"`
+	Modes    []string      `json:"modes"`
+	// Conns and RemoteConns are the keep-alive connection counts to B and
+	// to R; CloseConns those of the connection-per-request workload.
+	Conns       []int `json:"conns"`
+	RemoteConns []int `json:"remoteConns"`
+	CloseConns  int   `json:"closeConns"`
+	// Kinds are the workload kinds to run (all by default).
+	Kinds     []string `json:"kinds"`
+	BulkBytes int      `json:"bulkBytes"`
+	Threads   int      `json:"wrkThreads"`
+	Out       string   `json:"out"`
+	// Rerender names an earlier run's directory whose report is to be
+	// written again from its results.json; nothing is measured.
+	Rerender string `json:"-"`
+}
+
+// workloads lists what each mode runs, in order.
+func (c config) workloads() []workload {
+	var wls []workload
+	for _, n := range c.Conns {
+		wls = append(wls, workload{Kind: kindKeepalive, Target: targetB, Conns: n})
+	}
+	for _, n := range c.RemoteConns {
+		wls = append(wls, workload{Kind: kindKeepalive, Target: targetR, Conns: n})
+	}
+	wls = append(wls,
+		workload{Kind: kindClose, Target: targetB, Conns: c.CloseConns},
+		workload{Kind: kindBulk, Target: targetB, Conns: 1},
+		workload{Kind: kindConnect, Target: targetR, Conns: 1})
+	return slices.DeleteFunc(wls, func(w workload) bool { return !slices.Contains(c.Kinds, w.Kind) })
+}
+
+var allKinds = []string{kindKeepalive, kindClose, kindBulk, kindConnect}
+
+func main() {
+	if len(os.Args) > 1 {
+		probes := map[string]func([]string) error{connectLoopArg: runConnectLoop, acceptLoopArg: runAcceptLoop}
+		if probe, ok := probes[os.Args[1]]; ok {
+			if err := probe(os.Args[2:]); err != nil {
+				fmt.Fprintf(os.Stderr, "bench %s: %v\n", os.Args[1], err)
+				os.Exit(1)
+			}
+			return
+		}
+	}
+	cfg, err := parseFlags(os.Args[1:])
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+		os.Exit(2)
+	}
+	if cfg.Rerender != "" {
+		if err := rerender(cfg.Rerender); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if err := run(cfg); err != nil {
+		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func parseFlags(args []string) (config, error) {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: bench [flags]   (as root, from the repository root)\n\n")
+		fs.PrintDefaults()
+	}
+	rounds := fs.Int("rounds", 3, "rounds: every mode runs every workload once per round")
+	dur := fs.Duration("duration", 5*time.Second, "length of each measured run, whole seconds (wrk's unit)")
+	warmup := fs.Duration("warmup", time.Second, "unrecorded keep-alive run before each mode's measurements, whole seconds")
+	quick := fs.Bool("quick", false, "smoke run under 3 minutes: 1 round of 1s, fewer points; checks the bench works, not the numbers")
+	modes := fs.String("modes", strings.Join(allModes, ","), "modes to compare, comma separated")
+	kinds := fs.String("workloads", strings.Join(allKinds, ","), "workload kinds to run, comma separated (a focused re-measurement)")
+	conns := fs.String("conns", "1,8,64", "keep-alive connection counts, pod A to pod B")
+	remote := fs.String("remote-conns", "1,8,64", "keep-alive connection counts, pod A to pod R")
+	closeConns := fs.Int("close-conns", 8, "connections of the new-connection-per-request workload")
+	bulk := fs.Int("bulk-bytes", 4<<20, "response body size of the bulk workload")
+	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
+	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")
+	rerender := fs.String("rerender", "", "measure nothing: rewrite results.md and the charts in this earlier run's directory from its results.json")
+	if err := fs.Parse(args); err != nil {
+		return config{}, err
+	}
+	if fs.NArg() > 0 {
+		return config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	cfg := config{Rounds: *rounds, Duration: *dur, Warmup: *warmup, Quick: *quick, CloseConns: *closeConns,
+		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if cfg.Quick {
+		// Explicit flags still win over the quick defaults.
+		if !set["rounds"] {
+			cfg.Rounds = 1
+		}
+		if !set["duration"] {
+			cfg.Duration = time.Second
+		}
+		if !set["conns"] {
+			*conns = "1,64"
+		}
+		if !set["remote-conns"] {
+			*remote = "8"
+		}
+	}
+	var err error
+	if cfg.Conns, err = parseInts("conns", *conns); err != nil {
+		return cfg, err
+	}
+	if cfg.RemoteConns, err = parseInts("remote-conns", *remote); err != nil {
+		return cfg, err
+	}
+	if cfg.Modes, err = parseChoice("modes", *modes, allModes); err != nil {
+		return cfg, err
+	}
+	if cfg.Kinds, err = parseChoice("workloads", *kinds, allKinds); err != nil {
+		return cfg, err
+	}
+	switch {
+	case cfg.Rounds < 1 || cfg.Rounds > 100:
+		return cfg, fmt.Errorf("--rounds %d: want 1 to 100", cfg.Rounds)
+	case !wholeSeconds(cfg.Duration) || cfg.Duration > time.Hour:
+		return cfg, fmt.Errorf("--duration %s: want whole seconds, 1s to 1h", cfg.Duration)
+	case !wholeSeconds(cfg.Warmup) || cfg.Warmup > time.Minute:
+		return cfg, fmt.Errorf("--warmup %s: want whole seconds, 1s to 1m", cfg.Warmup)
+	case cfg.CloseConns < 1 || cfg.CloseConns > 10000:
+		return cfg, fmt.Errorf("--close-conns %d: want 1 to 10000", cfg.CloseConns)
+	case cfg.BulkBytes < 1 || cfg.BulkBytes > 1<<30:
+		return cfg, fmt.Errorf("--bulk-bytes %d: want 1 to 1 GiB", cfg.BulkBytes)
+	case cfg.Threads < 1:
+		return cfg, fmt.Errorf("--wrk-threads %d: want at least 1", cfg.Threads)
+	}
+	return cfg, nil
+}
+
+func wholeSeconds(d time.Duration) bool { return d >= time.Second && d%time.Second == 0 }
+
+// parseChoice reads a comma separated list of distinct names from valid,
+// keeping the given order.
+func parseChoice(name, list string, valid []string) ([]string, error) {
+	var out []string
+	for v := range strings.SplitSeq(list, ",") {
+		v = strings.TrimSpace(v)
+		if !slices.Contains(valid, v) {
+			return nil, fmt.Errorf("--%s: unknown value %q, want some of %s", name, v, strings.Join(valid, ", "))
+		}
+		if slices.Contains(out, v) {
+			return nil, fmt.Errorf("--%s: %q given twice", name, v)
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+func parseInts(name, list string) ([]int, error) {
+	var out []int
+	for s := range strings.SplitSeq(list, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 || n > 10000 {
+			return nil, fmt.Errorf("--%s: %q is not a connection count from 1 to 10000", name, s)
+		}
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// rerender rewrites the report of the run in dir from its raw runs, with
+// this binary's figures and charts.
+func rerender(dir string) error {
+	b, err := os.ReadFile(filepath.Join(dir, "results.json"))
+	if err != nil {
+		return fmt.Errorf("read the earlier run: %w", err)
+	}
+	var rep Report
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return fmt.Errorf("decode %s/results.json: %w", dir, err)
+	}
+	rep.Figures = figures(rep.Runs, rep.Config.workloads(), rep.Config.Modes)
+	return rep.write(dir)
+}
+
+// preflight checks what a run needs before anything is built.
+func preflight(cfg config) error {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (network namespaces, cgroups, bpffs, iptables): run it with sudo")
+	}
+	if _, err := exec.LookPath("wrk"); err != nil {
+		return errors.New("wrk not found: install it with `make deps` (Debian package wrk)")
+	}
+	if slices.Contains(cfg.Modes, modeIptables) {
+		if _, err := exec.LookPath("iptables-restore"); err != nil {
+			return errors.New("iptables-restore not found: install it with `make deps` (Debian package iptables)")
+		}
+	}
+	if _, err := os.Stat("test/podbin"); err != nil {
+		return errors.New("run from the repository root: ./test/podbin is not here")
+	}
+	return nil
+}
+
+func run(cfg config) error {
+	if err := preflight(cfg); err != nil {
+		return err
+	}
+	rep := &Report{Started: time.Now().UTC(), Command: os.Args, Config: cfg, LoadAvgStart: loadAvg(),
+		Machine: describeMachine(), Sidecar: sidecarName, LoadGen: loadGenName}
+	dir := filepath.Join(cfg.Out, "bench-"+rep.Started.Format("20060102-150405"))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("results directory: %w", err)
+	}
+	cfg.Out = dir
+	rep.Config.Out = dir
+
+	// The first SIGINT or SIGTERM stops the run and tears everything down;
+	// after that the signals act as usual again, so a second one ends the
+	// process at once should the teardown ever hang.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
+
+	n, err := setupNode(dir, cfg)
+	if err != nil {
+		return err
+	}
+	wls := cfg.workloads()
+	total := cfg.Rounds * len(cfg.Modes)
+	done := 0
+	fmt.Printf("bench: %d rounds × %d modes × %d workloads of %s; results in %s\n", cfg.Rounds, len(cfg.Modes), len(wls), cfg.Duration, dir)
+rounds:
+	for round := range cfg.Rounds {
+		for _, mode := range rotate(cfg.Modes, round) {
+			if ctx.Err() != nil {
+				break rounds
+			}
+			start := time.Now()
+			runs, err := n.runMode(ctx, round, mode, wls, cfg)
+			rep.Runs = append(rep.Runs, runs...)
+			done++
+			bad := 0
+			for _, r := range runs {
+				if r.Err != "" {
+					bad++
+				}
+			}
+			fmt.Printf("bench: [%d/%d] round %d %-17s %d runs, %d bad, %s\n", done, total, round+1, mode, len(runs), bad, time.Since(start).Round(time.Second))
+			if err != nil {
+				if ctx.Err() != nil {
+					break rounds
+				}
+				rep.Problems = append(rep.Problems, fmt.Sprintf("round %d, %s: %v", round, mode, oneLine(err.Error())))
+				fmt.Fprintf(os.Stderr, "bench: round %d, %s: %v\n", round, mode, err)
+			}
+			// The kernel frees a deleted pod's network namespace (its
+			// sockets, TIME_WAIT ones included) in a worker after the
+			// fact; let that finish before the next mode measures.
+			select {
+			case <-ctx.Done():
+			case <-time.After(settleTime):
+			}
+		}
+	}
+	rep.Interrupted = ctx.Err() != nil
+	terr := n.teardown()
+	if terr != nil {
+		rep.Problems = append(rep.Problems, "teardown: "+oneLine(terr.Error()))
+	}
+	rep.Finished = time.Now().UTC()
+	rep.LoadAvgEnd = loadAvg()
+	rep.Figures = figures(rep.Runs, wls, cfg.Modes)
+	if err := rep.write(dir); err != nil {
+		return errors.Join(err, terr)
+	}
+	fmt.Printf("bench: wrote %s/results.md and results.json in %s\n", dir, rep.Finished.Sub(rep.Started).Round(time.Second))
+	switch {
+	case rep.Interrupted:
+		return errors.Join(errors.New("interrupted: partial results written, everything torn down"), terr)
+	case terr != nil:
+		return terr
+	case len(rep.Problems) > 0 || rep.failedRuns() > 0:
+		return fmt.Errorf("%d problems and %d failed runs: see the Problems section of %s/results.md", len(rep.Problems), rep.failedRuns(), dir)
+	}
+	return nil
+}

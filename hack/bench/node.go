@@ -1,0 +1,192 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/meshlane/meshlane/test/testenv"
+)
+
+// Process groups below the bench cgroup. The datapath attaches to the
+// parent and so covers them all; the split only lets each run charge CPU
+// time to the load generator, the sidecars and the app servers separately.
+const (
+	groupLoad     = "load"
+	groupApps     = "apps"
+	groupSidecarA = "sidecar-a"
+	groupSidecarB = "sidecar-b"
+)
+
+var groupNames = []string{groupLoad, groupApps, groupSidecarA, groupSidecarB}
+
+// node is what every mode shares for the whole run: the bench cgroup and
+// its groups, a private bpffs, the bridge, the built podbin and a scratch
+// directory every uid may write. Pods are made anew for each mode.
+type node struct {
+	cfg     config
+	cg      *testenv.Cgroup
+	groups  map[string]*testenv.Cgroup
+	bpffs   string
+	br      *testenv.Bridge
+	podbin  string
+	probe   string // a copy of this binary that the app uid may run
+	scratch string
+	logs    string
+	undo    cleanups
+}
+
+// setupNode builds the node. On error it has already undone what it made.
+func setupNode(outDir string, cfg config) (_ *node, err error) {
+	n := &node{cfg: cfg, groups: map[string]*testenv.Cgroup{}, logs: filepath.Join(outDir, "logs")}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, n.undo.run())
+		}
+	}()
+	if err := os.MkdirAll(n.logs, 0o755); err != nil {
+		return nil, fmt.Errorf("log directory: %w", err)
+	}
+	// The scratch name carries testenv's run prefix, so testenv.Leftovers
+	// reports it if a cleanup ever misses it.
+	n.scratch, err = os.MkdirTemp("", testenv.NamePrefix+testenv.RunID()+"-bench-*")
+	if err != nil {
+		return nil, fmt.Errorf("scratch directory: %w", err)
+	}
+	n.undo.add("remove scratch directory", func() error { return os.RemoveAll(n.scratch) })
+	if err := os.Chmod(n.scratch, 0o777|os.ModeSticky); err != nil {
+		return nil, fmt.Errorf("scratch directory: %w", err)
+	}
+	if n.podbin, err = buildPodbin(n.scratch); err != nil {
+		return nil, err
+	}
+	if n.probe, err = copySelf(n.scratch); err != nil {
+		return nil, err
+	}
+
+	mnt, err := testenv.Cgroup2Mount()
+	if err != nil {
+		return nil, err
+	}
+	if n.cg, err = testenv.NewCgroup(mnt, testenv.NamePrefix+testenv.RunID()+"-bench"); err != nil {
+		return nil, err
+	}
+	// Destroy kills whatever is left below and removes the children too.
+	n.undo.add("destroy cgroup", n.cg.Destroy)
+	for _, g := range groupNames {
+		if n.groups[g], err = testenv.NewCgroup(n.cg.Path, g); err != nil {
+			return nil, err
+		}
+		n.undo.add("destroy cgroup "+g, n.groups[g].Destroy)
+	}
+
+	stats, err := enableProgramStats()
+	if err != nil {
+		return nil, err
+	}
+	n.undo.add("disable BPF run time statistics", stats.Close)
+
+	dir, unmount, err := testenv.MountBPFFS()
+	if err != nil {
+		return nil, err
+	}
+	n.undo.add("unmount bpffs", unmount)
+	n.bpffs = dir
+
+	v4, v6, err := testenv.FreeSubnets()
+	if err != nil {
+		return nil, err
+	}
+	if n.br, err = testenv.CreateBridge("bench", v4, v6); err != nil {
+		return nil, err
+	}
+	n.undo.add("delete bridge", n.br.Delete)
+	return n, nil
+}
+
+// teardown undoes setupNode and reports anything of this run still left.
+func (n *node) teardown() error {
+	err := n.undo.run()
+	left, lerr := testenv.Leftovers()
+	if lerr != nil {
+		return errors.Join(err, fmt.Errorf("check for leftovers: %w", lerr))
+	}
+	if len(left) > 0 {
+		err = errors.Join(err, fmt.Errorf("left behind, remove by hand: %s", strings.Join(left, ", ")))
+	}
+	return err
+}
+
+// buildPodbin builds ./test/podbin into dir, world-executable: pods run it
+// as the proxy and app uids.
+func buildPodbin(dir string) (string, error) {
+	out := filepath.Join(dir, "podbin")
+	cmd := exec.Command("go", "build", "-o", out, "./test/podbin")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("go build ./test/podbin: %w (run the bench from the repository root)\n%s", err, stderr.Bytes())
+	}
+	if err := os.Chmod(out, 0o755); err != nil {
+		return "", fmt.Errorf("podbin: %w", err)
+	}
+	return out, nil
+}
+
+// copySelf copies this executable into dir so the app uid may run its
+// connect-loop probe; `go run` leaves the original in a root-only directory.
+func copySelf(dir string) (string, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("find own executable: %w", err)
+	}
+	src, err := os.Open(self)
+	if err != nil {
+		return "", fmt.Errorf("copy own executable: %w", err)
+	}
+	defer src.Close()
+	out := filepath.Join(dir, "bench-probe")
+	dst, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o755)
+	if err != nil {
+		return "", fmt.Errorf("copy own executable: %w", err)
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		dst.Close()
+		return "", fmt.Errorf("copy own executable: %w", err)
+	}
+	if err := dst.Close(); err != nil {
+		return "", fmt.Errorf("copy own executable: %w", err)
+	}
+	return out, nil
+}
+
+// cleanups is a stack of undo steps, run last in first out.
+type cleanups struct {
+	steps []cleanupStep
+}
+
+type cleanupStep struct {
+	name string
+	fn   func() error
+}
+
+func (c *cleanups) add(name string, fn func() error) {
+	c.steps = append(c.steps, cleanupStep{name, fn})
+}
+
+// run runs every step even when some fail, and empties the stack.
+func (c *cleanups) run() error {
+	var errs []error
+	for i := len(c.steps) - 1; i >= 0; i-- {
+		if err := c.steps[i].fn(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", c.steps[i].name, err))
+		}
+	}
+	c.steps = nil
+	return errors.Join(errs...)
+}

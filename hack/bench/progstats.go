@@ -1,0 +1,113 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// The kernel's own accounting of BPF program run time is the one measure
+// of the datapath's cost that a busy, shared machine cannot blur: it times
+// each program run, not the wall clock around it. It is on for the whole
+// bench (two clock reads per program run, charged to the meshlane modes
+// only, so it can only make them look slower) and off again when the
+// returned closer is closed or the process exits.
+func enableProgramStats() (io.Closer, error) {
+	c, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return nil, fmt.Errorf("enable BPF run time statistics: %w (needs Linux 5.8)", err)
+	}
+	return c, nil
+}
+
+// ProgStat is one program's runs and run time during a run.
+type ProgStat struct {
+	Runs  uint64 `json:"runs"`
+	RunNs uint64 `json:"runNs"`
+}
+
+// datapathPrograms opens the programs behind the datapath's pinned links
+// (the loader pins one per attachment under <bpffs>/links), keyed by the
+// link's name.
+func datapathPrograms(linksDir string) (map[string]*ebpf.Program, error) {
+	entries, err := os.ReadDir(linksDir)
+	if err != nil {
+		return nil, fmt.Errorf("list the datapath's pinned links: %w", err)
+	}
+	progs := map[string]*ebpf.Program{}
+	closeAll := func() {
+		for _, p := range progs {
+			p.Close()
+		}
+	}
+	for _, e := range entries {
+		l, err := link.LoadPinnedLink(filepath.Join(linksDir, e.Name()), nil)
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("open pinned link %s: %w", e.Name(), err)
+		}
+		info, err := l.Info()
+		l.Close() // the pin keeps the link; only our descriptor goes
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("link %s info: %w", e.Name(), err)
+		}
+		p, err := ebpf.NewProgramFromID(info.Program)
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("program of link %s: %w", e.Name(), err)
+		}
+		progs[e.Name()] = p
+	}
+	if len(progs) == 0 {
+		return nil, fmt.Errorf("no pinned link under %s: has the datapath's pin layout changed?", linksDir)
+	}
+	return progs, nil
+}
+
+func readProgStats(progs map[string]*ebpf.Program) (map[string]ProgStat, error) {
+	out := make(map[string]ProgStat, len(progs))
+	for name, p := range progs {
+		s, err := p.Stats()
+		if err != nil {
+			return nil, fmt.Errorf("run time of program %s: %w", name, err)
+		}
+		out[name] = ProgStat{Runs: s.RunCount, RunNs: uint64(s.Runtime)}
+	}
+	return out, nil
+}
+
+func progDeltas(before, after map[string]ProgStat) map[string]ProgStat {
+	if after == nil {
+		return nil
+	}
+	out := make(map[string]ProgStat, len(after))
+	for k, a := range after {
+		b := before[k]
+		out[k] = ProgStat{Runs: a.Runs - b.Runs, RunNs: a.RunNs - b.RunNs}
+	}
+	return out
+}
+
+// totalRunNs sums the run time of every program.
+func totalRunNs(s map[string]ProgStat) uint64 {
+	var t uint64
+	for _, p := range s {
+		t += p.RunNs
+	}
+	return t
+}
+
+func closePrograms(progs map[string]*ebpf.Program) error {
+	var errs []error
+	for _, p := range progs {
+		errs = append(errs, p.Close())
+	}
+	return errors.Join(errs...)
+}

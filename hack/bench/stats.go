@@ -1,0 +1,165 @@
+package main
+
+import (
+	"math"
+	"slices"
+)
+
+// Stat summarizes one figure of one mode over the rounds.
+type Stat struct {
+	N      int       `json:"n"`
+	Mean   float64   `json:"mean"`
+	Min    float64   `json:"min"`
+	Max    float64   `json:"max"`
+	Stddev float64   `json:"stddev"` // sample standard deviation; 0 for one value
+	Values []float64 `json:"values"`
+}
+
+func summarize(v []float64) Stat {
+	s := Stat{N: len(v), Values: slices.Clone(v)}
+	if len(v) == 0 {
+		return s
+	}
+	s.Min, s.Max = slices.Min(v), slices.Max(v)
+	for _, x := range v {
+		s.Mean += x
+	}
+	s.Mean /= float64(len(v))
+	if len(v) > 1 {
+		var ss float64
+		for _, x := range v {
+			ss += (x - s.Mean) * (x - s.Mean)
+		}
+		s.Stddev = math.Sqrt(ss / float64(len(v)-1))
+	}
+	return s
+}
+
+// Figure is one number of the report (a metric of a workload) for every
+// mode, with each mode's ratio to the iptables and direct means.
+type Figure struct {
+	Workload   string             `json:"workload"`
+	Kind       string             `json:"kind"`
+	Target     string             `json:"target"`
+	Conns      int                `json:"conns"`
+	Metric     string             `json:"metric"`
+	Unit       string             `json:"unit"`
+	LowerWins  bool               `json:"lowerIsBetter"`
+	CPU        bool               `json:"cpu"` // belongs to the CPU table
+	Modes      map[string]Stat    `json:"modes"`
+	VsIptables map[string]float64 `json:"ratioToIptables"`
+	VsDirect   map[string]float64 `json:"ratioToDirect"`
+}
+
+// metric extracts one number from a good run.
+type metric struct {
+	name      string
+	unit      string
+	lowerWins bool
+	cpu       bool
+	kinds     []string
+	// get returns the metric, or false when the run has none (the BPF
+	// run time of a mode without programs).
+	get func(Run) (float64, bool)
+}
+
+// always wraps a metric every good run has.
+func always(f func(Run) float64) func(Run) (float64, bool) {
+	return func(r Run) (float64, bool) { return f(r), true }
+}
+
+// perCPUSecond is requests per second of CPU time that every process of
+// the bench (load generator, sidecars, apps) used together: what the path
+// costs, whatever share of the machine other users took meanwhile.
+func perCPUSecond(r Run) (float64, bool) {
+	var usec uint64
+	for _, v := range r.GroupCPU {
+		usec += v
+	}
+	if usec == 0 {
+		return 0, false
+	}
+	return float64(r.requests()) / (float64(usec) / 1e6), true
+}
+
+// bpfPerRequest is the datapath programs' run time per request or
+// connect, in ns.
+func bpfPerRequest(r Run) (float64, bool) {
+	if r.Programs == nil {
+		return 0, false
+	}
+	return float64(totalRunNs(r.Programs)) / float64(r.requests()), true
+}
+
+func us(d float64) float64 { return d / 1e3 } // ns to µs
+
+// perRequest is a process group's CPU time per request or connect, in µs.
+func perRequest(groups ...string) func(Run) (float64, bool) {
+	return always(func(r Run) float64 {
+		var sum uint64
+		for _, g := range groups {
+			sum += r.GroupCPU[g]
+		}
+		return float64(sum) / float64(r.requests())
+	})
+}
+
+var (
+	wrkKinds = []string{kindKeepalive, kindClose, kindBulk}
+	metrics  = []metric{
+		{"requests/s", "req/s", false, false, []string{kindKeepalive}, always(func(r Run) float64 { return r.Wrk.RequestsSec })},
+		{"connections/s", "conn/s", false, false, []string{kindClose}, always(func(r Run) float64 { return r.Wrk.RequestsSec })},
+		{"throughput", "MB/s", false, false, []string{kindBulk}, always(func(r Run) float64 { return r.Wrk.BytesSec / 1e6 })},
+		{"p50", "µs", true, false, []string{kindKeepalive}, always(func(r Run) float64 { return us(float64(r.Wrk.P50)) })},
+		{"p90", "µs", true, false, []string{kindKeepalive}, always(func(r Run) float64 { return us(float64(r.Wrk.P90)) })},
+		{"p99", "µs", true, false, []string{kindKeepalive, kindClose}, always(func(r Run) float64 { return us(float64(r.Wrk.P99)) })},
+		{"connect+close", "ns", true, false, []string{kindConnect}, always(func(r Run) float64 { return r.Connect.NsPerConnect })},
+		{"requests per CPU-second of the bench cgroup", "req/CPU-s", false, false, wrkKinds, perCPUSecond},
+		{"BPF run time per request", "ns", true, false, slices.Concat(wrkKinds, []string{kindConnect}), bpfPerRequest},
+		{"machine idle", "%", false, true, slices.Concat(wrkKinds, []string{kindConnect}), always(func(r Run) float64 { return r.CPU.Idle })},
+		{"CPU/req load generator", "µs", true, true, wrkKinds, perRequest(groupLoad)},
+		{"CPU/req sidecars", "µs", true, true, wrkKinds, perRequest(groupSidecarA, groupSidecarB)},
+		{"CPU/req app servers", "µs", true, true, slices.Concat(wrkKinds, []string{kindConnect}), perRequest(groupApps)},
+		{"CPU/connect client", "µs", true, true, []string{kindConnect}, perRequest(groupLoad)},
+	}
+)
+
+// figures turns the good runs into figures, in workload order then
+// metric order. Runs with an Err do not count.
+func figures(runs []Run, wls []workload, modes []string) []Figure {
+	var out []Figure
+	for _, wl := range wls {
+		for _, m := range metrics {
+			if !slices.Contains(m.kinds, wl.Kind) {
+				continue
+			}
+			f := Figure{Workload: wl.Name(), Kind: wl.Kind, Target: wl.Target, Conns: wl.Conns,
+				Metric: m.name, Unit: m.unit, LowerWins: m.lowerWins, CPU: m.cpu,
+				Modes: map[string]Stat{}, VsIptables: map[string]float64{}, VsDirect: map[string]float64{}}
+			for _, mode := range modes {
+				var vals []float64
+				for _, r := range runs {
+					if r.Err != "" || r.Mode != mode || r.Workload != f.Workload {
+						continue
+					}
+					if v, ok := m.get(r); ok {
+						vals = append(vals, v)
+					}
+				}
+				if len(vals) > 0 {
+					f.Modes[mode] = summarize(vals)
+				}
+			}
+			for mode, s := range f.Modes {
+				if base, ok := f.Modes[modeIptables]; ok && base.Mean != 0 {
+					f.VsIptables[mode] = s.Mean / base.Mean
+				}
+				if base, ok := f.Modes[modeDirect]; ok && base.Mean != 0 {
+					f.VsDirect[mode] = s.Mean / base.Mean
+				}
+			}
+			out = append(out, f)
+		}
+	}
+	return out
+}
