@@ -8,6 +8,9 @@
  *   cgroup/connect4, connect6  decide per connect() and rewrite the
  *                              destination; remember the original one in
  *                              the socket's local storage.
+ *   cgroup/sendmsg4/6,         DNS capture for UDP: queries to port 53 go to
+ *   recvmsg4/6                 the sidecar's DNS proxy, replies come back
+ *                              from the resolver the app asked.
  *   sockops                    publishes that original destination under the
  *                              connection's 4-tuple once the source port is
  *                              known (TCP_CONNECT); the listener's accepted
@@ -36,6 +39,9 @@
 #define AF_INET6 10
 #define SOCK_STREAM 1
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define SOCK_DGRAM 2
+#define DNS_PORT 53
 #define SOL_IP 0
 #define SOL_IPV6 41
 /* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share
@@ -58,6 +64,9 @@ enum ml_pod_flags {
 	ML_POD_INBOUND_ALL = 1,
 	/* Redirect every outbound address not excluded (Istio "*"). */
 	ML_POD_OUTBOUND_ALL_CIDRS = 2,
+	/* Send the apps' DNS (UDP and TCP port 53) to the sidecar's DNS proxy
+	 * (Istio ISTIO_META_DNS_CAPTURE). */
+	ML_POD_DNS_CAPTURE = 4,
 };
 
 /* Settings of one meshed pod, keyed by netns cookie. */
@@ -67,6 +76,8 @@ struct ml_pod {
 	__u16 outbound_port;
 	__u16 inbound_port;
 	__u32 flags; /* enum ml_pod_flags */
+	__u16 dns_port; /* the DNS proxy, on loopback */
+	__u16 _pad;
 };
 
 enum ml_port_dir {
@@ -105,6 +116,7 @@ struct ml_cidr_key {
 enum ml_redirect_kind {
 	ML_REDIRECT_OUTBOUND = 1,
 	ML_REDIRECT_INBOUND = 2,
+	ML_REDIRECT_DNS = 3,
 };
 
 /* The original destination of a redirected connection. */
@@ -134,6 +146,8 @@ struct ml_tuple {
 enum ml_counter {
 	ML_CNT_REDIRECT_OUTBOUND = 0,
 	ML_CNT_REDIRECT_INBOUND,
+	ML_CNT_REDIRECT_DNS,
+	ML_CNT_DNS_REPLY_RESTORED,
 	ML_CNT_PASS_NOT_TCP,
 	ML_CNT_PASS_NOT_MESHED,
 	ML_CNT_PASS_LOOPBACK,
@@ -316,6 +330,7 @@ enum verdict {
 	V_PASS = 0,
 	V_OUTBOUND,
 	V_INBOUND,
+	V_DNS,
 };
 
 struct decision {
@@ -372,6 +387,43 @@ static __always_inline int decide_outbound(struct decision *d, __u64 netns,
 	return V_OUTBOUND;
 }
 
+/* DNS capture: an app's query to port 53 of any non-loopback address goes
+ * to the sidecar's DNS proxy on loopback; the proxy's own queries do not. */
+static __always_inline int decide_dns(struct decision *d, __u64 netns,
+				      const struct ml_pod *src)
+{
+	d->orig.kind = ML_REDIRECT_DNS;
+	d->orig.listener_netns = netns;
+	d->new_port = src->dns_port;
+	return V_DNS;
+}
+
+static __always_inline int is_dns(const struct decision *d,
+				  const struct ml_pod *src)
+{
+	return d->orig.port == DNS_PORT && (src->flags & ML_POD_DNS_CAPTURE) &&
+	       src->dns_port && !addr_is_loopback(&d->orig.addr);
+}
+
+/* UDP: only DNS capture; everything else keeps its path. */
+static __always_inline int decide_udp(struct bpf_sock_addr *ctx,
+				      struct decision *d)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct ml_pod *src = bpf_map_lookup_elem(&meshlane_pods, &netns);
+
+	if (!src || !is_dns(d, src)) {
+		count(ML_CNT_PASS_NOT_TCP);
+		return V_PASS;
+	}
+	__u64 ugid = bpf_get_current_uid_gid();
+	if ((__u32)ugid == src->proxy_uid || (__u32)(ugid >> 32) == src->proxy_gid) {
+		count(ML_CNT_PASS_PROXY_UPSTREAM);
+		return V_PASS;
+	}
+	return decide_dns(d, netns, src);
+}
+
 static __always_inline int decide(struct bpf_sock_addr *ctx, struct decision *d)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
@@ -415,6 +467,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct decision *d)
 		count(ML_CNT_PASS_OWN_POD);
 		return V_PASS;
 	}
+	if (is_dns(d, src))
+		return decide_dns(d, netns, src);
 	return decide_outbound(d, netns, src);
 }
 
@@ -439,29 +493,81 @@ static __always_inline int remember(struct bpf_sock_addr *ctx,
 	return 0;
 }
 
+/* Rewrites the destination of an IPv4 connect() or sendmsg() for verdict v. */
+static __always_inline void rewrite4(struct bpf_sock_addr *ctx,
+				     const struct decision *d, int v)
+{
+	if (v == V_INBOUND) {
+		count(ML_CNT_REDIRECT_INBOUND);
+	} else {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		count(v == V_DNS ? ML_CNT_REDIRECT_DNS : ML_CNT_REDIRECT_OUTBOUND);
+	}
+	ctx->user_port = bpf_htons(d->new_port);
+}
+
+/* The same for IPv6; an IPv4-mapped destination goes to ::ffff:127.0.0.1. */
+static __always_inline void rewrite6(struct bpf_sock_addr *ctx,
+				     const struct decision *d, int v)
+{
+	if (v == V_INBOUND) {
+		count(ML_CNT_REDIRECT_INBOUND);
+	} else {
+		int v4 = addr_is_v4(&d->orig.addr);
+
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = v4 ? bpf_htonl(0x0000ffff) : 0;
+		ctx->user_ip6[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+		count(v == V_DNS ? ML_CNT_REDIRECT_DNS : ML_CNT_REDIRECT_OUTBOUND);
+	}
+	ctx->user_port = bpf_htons(d->new_port);
+}
+
+/* TCP or UDP, or neither (0). */
+static __always_inline int l4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type == SOCK_STREAM && ctx->protocol == IPPROTO_TCP)
+		return IPPROTO_TCP;
+	if (ctx->type == SOCK_DGRAM && ctx->protocol == IPPROTO_UDP)
+		return IPPROTO_UDP;
+	return 0;
+}
+
+static __always_inline void load6(struct bpf_sock_addr *ctx, struct decision *d)
+{
+	/* IPv4-mapped destinations of dual-stack sockets arrive here too and
+	 * are already in the map-key form. */
+	d->orig.addr.w[0] = ctx->user_ip6[0];
+	d->orig.addr.w[1] = ctx->user_ip6[1];
+	d->orig.addr.w[2] = ctx->user_ip6[2];
+	d->orig.addr.w[3] = ctx->user_ip6[3];
+}
+
+static __always_inline int connect_or_send(struct bpf_sock_addr *ctx,
+					   struct decision *d)
+{
+	switch (l4(ctx)) {
+	case IPPROTO_TCP:
+		return decide(ctx, d);
+	case IPPROTO_UDP:
+		return decide_udp(ctx, d);
+	}
+	count(ML_CNT_PASS_NOT_TCP);
+	return V_PASS;
+}
+
 SEC("cgroup/connect4")
 int meshlane_connect4(struct bpf_sock_addr *ctx)
 {
 	struct decision d = {};
 	int v;
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
-		count(ML_CNT_PASS_NOT_TCP);
-		return 1;
-	}
 	addr_v4(&d.orig.addr, ctx->user_ip4);
 	d.orig.port = bpf_ntohs((__u16)ctx->user_port);
-
-	v = decide(ctx, &d);
-	if (v == V_PASS || remember(ctx, &d))
-		return 1;
-	if (v == V_OUTBOUND) {
-		ctx->user_ip4 = bpf_htonl(0x7f000001);
-		count(ML_CNT_REDIRECT_OUTBOUND);
-	} else {
-		count(ML_CNT_REDIRECT_INBOUND);
-	}
-	ctx->user_port = bpf_htons(d.new_port);
+	v = connect_or_send(ctx, &d);
+	if (v != V_PASS && !remember(ctx, &d))
+		rewrite4(ctx, &d, v);
 	return 1;
 }
 
@@ -471,38 +577,98 @@ int meshlane_connect6(struct bpf_sock_addr *ctx)
 	struct decision d = {};
 	int v;
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
-		count(ML_CNT_PASS_NOT_TCP);
-		return 1;
-	}
-	/* IPv4-mapped destinations of dual-stack sockets arrive here too and
-	 * are already in the map-key form. */
-	d.orig.addr.w[0] = ctx->user_ip6[0];
-	d.orig.addr.w[1] = ctx->user_ip6[1];
-	d.orig.addr.w[2] = ctx->user_ip6[2];
-	d.orig.addr.w[3] = ctx->user_ip6[3];
+	load6(ctx, &d);
 	d.orig.port = bpf_ntohs((__u16)ctx->user_port);
+	v = connect_or_send(ctx, &d);
+	if (v != V_PASS && !remember(ctx, &d))
+		rewrite6(ctx, &d, v);
+	return 1;
+}
 
-	v = decide(ctx, &d);
-	if (v == V_PASS || remember(ctx, &d))
-		return 1;
-	if (v == V_OUTBOUND) {
-		if (addr_is_v4(&d.orig.addr)) {
-			ctx->user_ip6[0] = 0;
-			ctx->user_ip6[1] = 0;
-			ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-			ctx->user_ip6[3] = bpf_htonl(0x7f000001);
-		} else {
-			ctx->user_ip6[0] = 0;
-			ctx->user_ip6[1] = 0;
-			ctx->user_ip6[2] = 0;
-			ctx->user_ip6[3] = bpf_htonl(1);
-		}
-		count(ML_CNT_REDIRECT_OUTBOUND);
-	} else {
-		count(ML_CNT_REDIRECT_INBOUND);
+/* sendto() on an unconnected UDP socket: DNS capture only. The socket keeps
+ * the last original resolver, for recvmsg to restore. */
+SEC("cgroup/sendmsg4")
+int meshlane_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct decision d = {};
+
+	addr_v4(&d.orig.addr, ctx->user_ip4);
+	d.orig.port = bpf_ntohs((__u16)ctx->user_port);
+	if (l4(ctx) == IPPROTO_UDP && decide_udp(ctx, &d) == V_DNS &&
+	    !remember(ctx, &d))
+		rewrite4(ctx, &d, V_DNS);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int meshlane_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct decision d = {};
+
+	load6(ctx, &d);
+	d.orig.port = bpf_ntohs((__u16)ctx->user_port);
+	if (l4(ctx) == IPPROTO_UDP && decide_udp(ctx, &d) == V_DNS &&
+	    !remember(ctx, &d))
+		rewrite6(ctx, &d, V_DNS);
+	return 1;
+}
+
+/* A reply from the DNS proxy to a captured socket: the app sees it come
+ * from the resolver it asked, as iptables' conntrack would show it. */
+static __always_inline struct ml_origdst *dns_reply(struct bpf_sock_addr *ctx,
+						   const struct ml_addr *from)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct ml_origdst *o;
+	struct ml_pod *pod;
+	__u64 netns;
+
+	if (!sk || !addr_is_loopback(from))
+		return NULL;
+	o = bpf_sk_storage_get(&meshlane_sks, sk, 0, 0);
+	if (!o || o->kind != ML_REDIRECT_DNS)
+		return NULL;
+	netns = bpf_get_netns_cookie(ctx);
+	pod = bpf_map_lookup_elem(&meshlane_pods, &netns);
+	if (!pod || bpf_ntohs((__u16)ctx->user_port) != pod->dns_port)
+		return NULL;
+	count(ML_CNT_DNS_REPLY_RESTORED);
+	return o;
+}
+
+SEC("cgroup/recvmsg4")
+int meshlane_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct ml_addr from;
+	struct ml_origdst *o;
+
+	addr_v4(&from, ctx->user_ip4);
+	o = dns_reply(ctx, &from);
+	if (o && addr_is_v4(&o->addr)) {
+		ctx->user_ip4 = o->addr.w[3];
+		ctx->user_port = bpf_htons(o->port);
 	}
-	ctx->user_port = bpf_htons(d.new_port);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int meshlane_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct ml_addr from;
+	struct ml_origdst *o;
+
+	from.w[0] = ctx->user_ip6[0];
+	from.w[1] = ctx->user_ip6[1];
+	from.w[2] = ctx->user_ip6[2];
+	from.w[3] = ctx->user_ip6[3];
+	o = dns_reply(ctx, &from);
+	if (o) {
+		ctx->user_ip6[0] = o->addr.w[0];
+		ctx->user_ip6[1] = o->addr.w[1];
+		ctx->user_ip6[2] = o->addr.w[2];
+		ctx->user_ip6[3] = o->addr.w[3];
+		ctx->user_port = bpf_htons(o->port);
+	}
 	return 1;
 }
 

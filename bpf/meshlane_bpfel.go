@@ -38,30 +38,32 @@ type MeshlaneMlCounter uint32
 const (
 	MeshlaneMlCounterML_CNT_REDIRECT_OUTBOUND          MeshlaneMlCounter = 0
 	MeshlaneMlCounterML_CNT_REDIRECT_INBOUND           MeshlaneMlCounter = 1
-	MeshlaneMlCounterML_CNT_PASS_NOT_TCP               MeshlaneMlCounter = 2
-	MeshlaneMlCounterML_CNT_PASS_NOT_MESHED            MeshlaneMlCounter = 3
-	MeshlaneMlCounterML_CNT_PASS_LOOPBACK              MeshlaneMlCounter = 4
-	MeshlaneMlCounterML_CNT_PASS_OWN_POD               MeshlaneMlCounter = 5
-	MeshlaneMlCounterML_CNT_PASS_PROXY_OWN_POD         MeshlaneMlCounter = 6
-	MeshlaneMlCounterML_CNT_PASS_PROXY_UPSTREAM        MeshlaneMlCounter = 7
-	MeshlaneMlCounterML_CNT_PASS_OUT_PORT_EXCLUDED     MeshlaneMlCounter = 8
-	MeshlaneMlCounterML_CNT_PASS_OUT_CIDR_EXCLUDED     MeshlaneMlCounter = 9
-	MeshlaneMlCounterML_CNT_PASS_OUT_CIDR_NOT_INCLUDED MeshlaneMlCounter = 10
-	MeshlaneMlCounterML_CNT_PASS_IN_PORT_EXCLUDED      MeshlaneMlCounter = 11
-	MeshlaneMlCounterML_CNT_PASS_IN_PORT_NOT_INCLUDED  MeshlaneMlCounter = 12
-	MeshlaneMlCounterML_CNT_STORAGE_FAILED             MeshlaneMlCounter = 13
-	MeshlaneMlCounterML_CNT_ORIGDST_RECORDED           MeshlaneMlCounter = 14
-	MeshlaneMlCounterML_CNT_ORIGDST_RECORD_FAILED      MeshlaneMlCounter = 15
-	MeshlaneMlCounterML_CNT_ORIGDST_ADOPTED            MeshlaneMlCounter = 16
-	MeshlaneMlCounterML_CNT_ORIGDST_ANSWERED           MeshlaneMlCounter = 17
-	MeshlaneMlCounterML_CNT_ORIGDST_MISSED             MeshlaneMlCounter = 18
-	MeshlaneMlCounterML_CNT_ORIGDST_SHORT_BUFFER       MeshlaneMlCounter = 19
-	MeshlaneMlCounterML_CNT_SOCKHASH_INSERTED          MeshlaneMlCounter = 20
-	MeshlaneMlCounterML_CNT_SOCKHASH_INSERT_FAILED     MeshlaneMlCounter = 21
-	MeshlaneMlCounterML_CNT_MSG_REDIRECTED             MeshlaneMlCounter = 22
-	MeshlaneMlCounterML_CNT_MSG_REDIRECTED_BYTES       MeshlaneMlCounter = 23
-	MeshlaneMlCounterML_CNT_MSG_PEER_MISSING           MeshlaneMlCounter = 24
-	MeshlaneMlCounterML_CNT_MAX                        MeshlaneMlCounter = 25
+	MeshlaneMlCounterML_CNT_REDIRECT_DNS               MeshlaneMlCounter = 2
+	MeshlaneMlCounterML_CNT_DNS_REPLY_RESTORED         MeshlaneMlCounter = 3
+	MeshlaneMlCounterML_CNT_PASS_NOT_TCP               MeshlaneMlCounter = 4
+	MeshlaneMlCounterML_CNT_PASS_NOT_MESHED            MeshlaneMlCounter = 5
+	MeshlaneMlCounterML_CNT_PASS_LOOPBACK              MeshlaneMlCounter = 6
+	MeshlaneMlCounterML_CNT_PASS_OWN_POD               MeshlaneMlCounter = 7
+	MeshlaneMlCounterML_CNT_PASS_PROXY_OWN_POD         MeshlaneMlCounter = 8
+	MeshlaneMlCounterML_CNT_PASS_PROXY_UPSTREAM        MeshlaneMlCounter = 9
+	MeshlaneMlCounterML_CNT_PASS_OUT_PORT_EXCLUDED     MeshlaneMlCounter = 10
+	MeshlaneMlCounterML_CNT_PASS_OUT_CIDR_EXCLUDED     MeshlaneMlCounter = 11
+	MeshlaneMlCounterML_CNT_PASS_OUT_CIDR_NOT_INCLUDED MeshlaneMlCounter = 12
+	MeshlaneMlCounterML_CNT_PASS_IN_PORT_EXCLUDED      MeshlaneMlCounter = 13
+	MeshlaneMlCounterML_CNT_PASS_IN_PORT_NOT_INCLUDED  MeshlaneMlCounter = 14
+	MeshlaneMlCounterML_CNT_STORAGE_FAILED             MeshlaneMlCounter = 15
+	MeshlaneMlCounterML_CNT_ORIGDST_RECORDED           MeshlaneMlCounter = 16
+	MeshlaneMlCounterML_CNT_ORIGDST_RECORD_FAILED      MeshlaneMlCounter = 17
+	MeshlaneMlCounterML_CNT_ORIGDST_ADOPTED            MeshlaneMlCounter = 18
+	MeshlaneMlCounterML_CNT_ORIGDST_ANSWERED           MeshlaneMlCounter = 19
+	MeshlaneMlCounterML_CNT_ORIGDST_MISSED             MeshlaneMlCounter = 20
+	MeshlaneMlCounterML_CNT_ORIGDST_SHORT_BUFFER       MeshlaneMlCounter = 21
+	MeshlaneMlCounterML_CNT_SOCKHASH_INSERTED          MeshlaneMlCounter = 22
+	MeshlaneMlCounterML_CNT_SOCKHASH_INSERT_FAILED     MeshlaneMlCounter = 23
+	MeshlaneMlCounterML_CNT_MSG_REDIRECTED             MeshlaneMlCounter = 24
+	MeshlaneMlCounterML_CNT_MSG_REDIRECTED_BYTES       MeshlaneMlCounter = 25
+	MeshlaneMlCounterML_CNT_MSG_PEER_MISSING           MeshlaneMlCounter = 26
+	MeshlaneMlCounterML_CNT_MAX                        MeshlaneMlCounter = 27
 )
 
 type MeshlaneMlOrigdst struct {
@@ -80,6 +82,8 @@ type MeshlaneMlPod struct {
 	OutboundPort uint16
 	InboundPort  uint16
 	Flags        uint32
+	DnsPort      uint16
+	Pad          uint16
 }
 
 type MeshlaneMlPodFlags uint32
@@ -87,6 +91,7 @@ type MeshlaneMlPodFlags uint32
 const (
 	MeshlaneMlPodFlagsML_POD_INBOUND_ALL        MeshlaneMlPodFlags = 1
 	MeshlaneMlPodFlagsML_POD_OUTBOUND_ALL_CIDRS MeshlaneMlPodFlags = 2
+	MeshlaneMlPodFlagsML_POD_DNS_CAPTURE        MeshlaneMlPodFlags = 4
 )
 
 type MeshlaneMlPortDir uint32
@@ -116,6 +121,7 @@ type MeshlaneMlRedirectKind uint32
 const (
 	MeshlaneMlRedirectKindML_REDIRECT_OUTBOUND MeshlaneMlRedirectKind = 1
 	MeshlaneMlRedirectKindML_REDIRECT_INBOUND  MeshlaneMlRedirectKind = 2
+	MeshlaneMlRedirectKindML_REDIRECT_DNS      MeshlaneMlRedirectKind = 3
 )
 
 type MeshlaneMlTuple struct {
@@ -143,6 +149,10 @@ const (
 	MeshlaneProgMeshlaneConnect4   = "meshlane_connect4"
 	MeshlaneProgMeshlaneConnect6   = "meshlane_connect6"
 	MeshlaneProgMeshlaneGetsockopt = "meshlane_getsockopt"
+	MeshlaneProgMeshlaneRecvmsg4   = "meshlane_recvmsg4"
+	MeshlaneProgMeshlaneRecvmsg6   = "meshlane_recvmsg6"
+	MeshlaneProgMeshlaneSendmsg4   = "meshlane_sendmsg4"
+	MeshlaneProgMeshlaneSendmsg6   = "meshlane_sendmsg6"
 	MeshlaneProgMeshlaneSkMsg      = "meshlane_sk_msg"
 	MeshlaneProgMeshlaneSockops    = "meshlane_sockops"
 	MeshlaneVarEnableSockmap       = "enable_sockmap"
@@ -195,6 +205,10 @@ type MeshlaneProgramSpecs struct {
 	MeshlaneConnect4   *ebpf.ProgramSpec `ebpf:"meshlane_connect4"`
 	MeshlaneConnect6   *ebpf.ProgramSpec `ebpf:"meshlane_connect6"`
 	MeshlaneGetsockopt *ebpf.ProgramSpec `ebpf:"meshlane_getsockopt"`
+	MeshlaneRecvmsg4   *ebpf.ProgramSpec `ebpf:"meshlane_recvmsg4"`
+	MeshlaneRecvmsg6   *ebpf.ProgramSpec `ebpf:"meshlane_recvmsg6"`
+	MeshlaneSendmsg4   *ebpf.ProgramSpec `ebpf:"meshlane_sendmsg4"`
+	MeshlaneSendmsg6   *ebpf.ProgramSpec `ebpf:"meshlane_sendmsg6"`
 	MeshlaneSkMsg      *ebpf.ProgramSpec `ebpf:"meshlane_sk_msg"`
 	MeshlaneSockops    *ebpf.ProgramSpec `ebpf:"meshlane_sockops"`
 }
@@ -281,6 +295,10 @@ type MeshlanePrograms struct {
 	MeshlaneConnect4   *ebpf.Program `ebpf:"meshlane_connect4"`
 	MeshlaneConnect6   *ebpf.Program `ebpf:"meshlane_connect6"`
 	MeshlaneGetsockopt *ebpf.Program `ebpf:"meshlane_getsockopt"`
+	MeshlaneRecvmsg4   *ebpf.Program `ebpf:"meshlane_recvmsg4"`
+	MeshlaneRecvmsg6   *ebpf.Program `ebpf:"meshlane_recvmsg6"`
+	MeshlaneSendmsg4   *ebpf.Program `ebpf:"meshlane_sendmsg4"`
+	MeshlaneSendmsg6   *ebpf.Program `ebpf:"meshlane_sendmsg6"`
 	MeshlaneSkMsg      *ebpf.Program `ebpf:"meshlane_sk_msg"`
 	MeshlaneSockops    *ebpf.Program `ebpf:"meshlane_sockops"`
 }
@@ -290,6 +308,10 @@ func (p *MeshlanePrograms) Close() error {
 		p.MeshlaneConnect4,
 		p.MeshlaneConnect6,
 		p.MeshlaneGetsockopt,
+		p.MeshlaneRecvmsg4,
+		p.MeshlaneRecvmsg6,
+		p.MeshlaneSendmsg4,
+		p.MeshlaneSendmsg6,
 		p.MeshlaneSkMsg,
 		p.MeshlaneSockops,
 	)

@@ -198,6 +198,11 @@ func renderPod(w io.Writer, p api.PodStatus) error {
 		fmt.Fprintf(tw, "Inbound ports:\t%s\n", describe(s.InboundAll, "all", s.InboundInclude, s.InboundExclude))
 		fmt.Fprintf(tw, "Outbound ports:\tall%s%s\n", except(s.OutboundExcludePorts), also(s.OutboundIncludePorts))
 		fmt.Fprintf(tw, "Outbound CIDRs:\t%s\n", describe(s.OutboundAllCIDRs, "all", s.OutboundIncludeCIDRs, s.OutboundExcludeCIDRs))
+		if s.DNSCapture {
+			fmt.Fprintf(tw, "DNS:\tcaptured: port 53 to the DNS proxy on loopback port %d\n", s.DNSPort)
+		} else {
+			fmt.Fprintf(tw, "DNS:\tnot captured\n")
+		}
 	} else {
 		fmt.Fprintf(tw, "Datapath:\tnothing written (the pod is not meshed)\n")
 	}

@@ -214,6 +214,8 @@ func settingsDiff(want, got datapath.Pod) []string {
 	field("inbound listener port", want.InboundPort, got.InboundPort)
 	field("inbound all ports", want.InboundAll, got.InboundAll)
 	field("outbound all CIDRs", want.OutboundAllCIDRs, got.OutboundAllCIDRs)
+	field("DNS capture", want.DNSCapture, got.DNSCapture)
+	field("DNS proxy port", want.DNSPort, got.DNSPort)
 	return out
 }
 

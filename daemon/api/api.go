@@ -130,6 +130,8 @@ type PodSettings struct {
 	OutboundAllCIDRs     bool
 	OutboundIncludeCIDRs []netip.Prefix
 	OutboundExcludeCIDRs []netip.Prefix
+	DNSCapture           bool
+	DNSPort              uint16
 }
 
 // Status answers GET /v1/status: what runs on this node and how full it is.

@@ -30,6 +30,7 @@ const MaxConns = 1 << 18
 const (
 	KindOutbound = "outbound"
 	KindInbound  = "inbound"
+	KindDNS      = "dns"
 
 	// SideClient is the connecting socket (the app, or the peer pod's
 	// sidecar for inbound), SideListener the socket the sidecar accepted.
@@ -170,6 +171,9 @@ func (d *Datapath) listenerPorts() (map[listenerKey]uint16, error) {
 	for it.Next(&netns, &pod) {
 		out[listenerKey{netns, uint16(bpf.MeshlaneMlRedirectKindML_REDIRECT_OUTBOUND)}] = pod.OutboundPort
 		out[listenerKey{netns, uint16(bpf.MeshlaneMlRedirectKindML_REDIRECT_INBOUND)}] = pod.InboundPort
+		if pod.DnsPort != 0 {
+			out[listenerKey{netns, uint16(bpf.MeshlaneMlRedirectKindML_REDIRECT_DNS)}] = pod.DnsPort
+		}
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("datapath: read meshlane_pods: %w", err)
@@ -192,6 +196,8 @@ func connFromRecord(r bpf.ConnsMlConn, listeners map[listenerKey]uint16) Conn {
 		c.Kind = KindOutbound
 	case bpf.MeshlaneMlRedirectKindML_REDIRECT_INBOUND:
 		c.Kind = KindInbound
+	case bpf.MeshlaneMlRedirectKindML_REDIRECT_DNS:
+		c.Kind = KindDNS
 	default:
 		c.Kind = fmt.Sprintf("kind-%d", r.Orig.Kind)
 	}

@@ -1,6 +1,7 @@
 package datapath_test
 
 import (
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"reflect"
@@ -116,7 +117,7 @@ func TestInfo(t *testing.T) {
 	d := load(t, filepath.Join(testenv.BPFFS(t), "meshlane"), cg.Path, true)
 	t.Cleanup(func() { d.Uninstall() })
 	info := d.Info()
-	if info.CgroupPath != cg.Path || !info.Sockmap || !strings.HasSuffix(info.MapsDir, "maps-v1") {
+	if info.CgroupPath != cg.Path || !info.Sockmap || !strings.HasSuffix(info.MapsDir, fmt.Sprintf("maps-v%d", datapath.LayoutVersion)) {
 		t.Fatalf("Info: %+v", info)
 	}
 	var names []string
@@ -126,7 +127,7 @@ func TestInfo(t *testing.T) {
 		}
 		names = append(names, l.Name)
 	}
-	if want := []string{"connect4", "connect6", "sockops", "getsockopt", "sk_msg"}; !slices.Equal(names, want) {
+	if want := []string{"connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "sockops", "getsockopt", "sk_msg"}; !slices.Equal(names, want) {
 		t.Fatalf("links %v, want %v", names, want)
 	}
 	conns := false

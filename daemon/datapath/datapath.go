@@ -26,7 +26,7 @@ const DefaultBPFFS = "/sys/fs/bpf/meshlane"
 // key or value layout changes in bpf/meshlane.c: pinned maps are only checked
 // for type and sizes on reuse, never for the meaning of their bytes, so a new
 // layout must never open an old pin. TestLayoutVersion guards it.
-const LayoutVersion = 1
+const LayoutVersion = 2
 
 // Options configure Load.
 type Options struct {
@@ -63,6 +63,10 @@ const (
 	linkSockops    = "sockops"
 	linkGetsockopt = "getsockopt"
 	linkSkMsg      = "sk_msg"
+	linkSendmsg4   = "sendmsg4"
+	linkSendmsg6   = "sendmsg6"
+	linkRecvmsg4   = "recvmsg4"
+	linkRecvmsg6   = "recvmsg6"
 )
 
 func (o Options) mapsDir() string {
@@ -218,6 +222,10 @@ func (d *Datapath) attach() error {
 		{linkGetsockopt, d.objs.MeshlaneGetsockopt, ebpf.AttachCGroupGetsockopt},
 		{linkConnect4, d.objs.MeshlaneConnect4, ebpf.AttachCGroupInet4Connect},
 		{linkConnect6, d.objs.MeshlaneConnect6, ebpf.AttachCGroupInet6Connect},
+		{linkSendmsg4, d.objs.MeshlaneSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{linkSendmsg6, d.objs.MeshlaneSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{linkRecvmsg4, d.objs.MeshlaneRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+		{linkRecvmsg6, d.objs.MeshlaneRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
 	}
 	cgroupID, err := cgroupID(d.opts.CgroupPath)
 	if err != nil {

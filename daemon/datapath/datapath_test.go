@@ -88,8 +88,8 @@ func TestReloadKeepsState(t *testing.T) {
 	}
 	want := entries(t, d)
 	ids := linkIDs(t, bpffs)
-	if len(ids) != 5 {
-		t.Fatalf("pinned links %v, want 5 (connect4, connect6, sockops, getsockopt, sk_msg)", ids)
+	if len(ids) != 9 {
+		t.Fatalf("pinned links %v, want 9 (connect4/6, sendmsg4/6, recvmsg4/6, sockops, getsockopt, sk_msg)", ids)
 	}
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
@@ -114,8 +114,8 @@ func TestReloadKeepsState(t *testing.T) {
 
 	d = load(t, bpffs, cg.Path, false)
 	got := linkIDs(t, bpffs)
-	if _, ok := got["sk_msg"]; ok || len(got) != 4 {
-		t.Fatalf("fast path off: links %v, want the four cgroup links only", got)
+	if _, ok := got["sk_msg"]; ok || len(got) != 8 {
+		t.Fatalf("fast path off: links %v, want the eight cgroup links only", got)
 	}
 	if err := d.Uninstall(); err != nil {
 		t.Fatal(err)
@@ -197,7 +197,7 @@ func TestLoadErrors(t *testing.T) {
 // bpf/meshlane.c at datapath.LayoutVersion. When this test fails, a map
 // layout changed: bump LayoutVersion (so pins of the old layout are never
 // reused) and update both.
-const layoutGolden = "b8786a422542cde3"
+const layoutGolden = "6e80d430e4a7d923"
 
 func TestLayoutVersion(t *testing.T) {
 	spec, err := bpf.LoadMeshlane()
@@ -219,8 +219,8 @@ func TestLayoutVersion(t *testing.T) {
 		}
 	}
 	sum := hex.EncodeToString(h.Sum(nil))[:16]
-	if sum != layoutGolden || datapath.LayoutVersion != 1 {
-		t.Fatalf("map layout digest %s at LayoutVersion %d; golden %s at 1: a layout changed, bump LayoutVersion and update layoutGolden", sum, datapath.LayoutVersion, layoutGolden)
+	if sum != layoutGolden || datapath.LayoutVersion != 2 {
+		t.Fatalf("map layout digest %s at LayoutVersion %d; golden %s at 2: a layout changed, bump LayoutVersion and update layoutGolden", sum, datapath.LayoutVersion, layoutGolden)
 	}
 }
 

@@ -57,7 +57,7 @@ func (d *Datapath) Info() Info {
 		MapsDir:    d.opts.mapsDir(),
 		Sockmap:    d.opts.Sockmap,
 	}
-	for _, name := range []string{linkConnect4, linkConnect6, linkSockops, linkGetsockopt, linkSkMsg} {
+	for _, name := range []string{linkConnect4, linkConnect6, linkSendmsg4, linkSendmsg6, linkRecvmsg4, linkRecvmsg6, linkSockops, linkGetsockopt, linkSkMsg} {
 		l, ok := d.links[name]
 		if !ok {
 			if name == linkSkMsg && d.opts.Sockmap {
@@ -123,6 +123,9 @@ func (d *Datapath) ReadPod(netns uint64) (p Pod, found bool, err error) {
 		p.OutboundPort, p.InboundPort = v.OutboundPort, v.InboundPort
 		p.InboundAll = v.Flags&uint32(bpf.MeshlaneMlPodFlagsML_POD_INBOUND_ALL) != 0
 		p.OutboundAllCIDRs = v.Flags&uint32(bpf.MeshlaneMlPodFlagsML_POD_OUTBOUND_ALL_CIDRS) != 0
+		if v.Flags&uint32(bpf.MeshlaneMlPodFlagsML_POD_DNS_CAPTURE) != 0 {
+			p.DNSCapture, p.DNSPort = true, v.DnsPort
+		}
 	case errors.Is(err, ebpf.ErrKeyNotExist):
 	default:
 		return Pod{}, false, fmt.Errorf("datapath: read meshlane_pods: %w", err)

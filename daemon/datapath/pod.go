@@ -39,4 +39,10 @@ type Pod struct {
 	OutboundAllCIDRs     bool
 	OutboundIncludeCIDRs []netip.Prefix
 	OutboundExcludeCIDRs []netip.Prefix
+
+	// DNSCapture sends the apps' DNS (UDP and TCP port 53 to any
+	// non-loopback address) to the sidecar's DNS proxy on loopback port
+	// DNSPort; replies appear to come from the resolver asked.
+	DNSCapture bool
+	DNSPort    uint16
 }

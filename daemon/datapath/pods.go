@@ -71,6 +71,9 @@ func (p Pod) validate() error {
 	if p.OutboundPort == 0 || p.InboundPort == 0 {
 		return errors.New("datapath: pod has no sidecar outbound or inbound port")
 	}
+	if p.DNSCapture && p.DNSPort == 0 {
+		return errors.New("datapath: pod captures DNS but has no DNS proxy port")
+	}
 	for _, ip := range p.IPs {
 		if !ip.IsValid() {
 			return errors.New("datapath: pod has an invalid IP")
@@ -138,6 +141,10 @@ func (p Pod) value() bpf.MeshlaneMlPod {
 	}
 	if p.OutboundAllCIDRs {
 		v.Flags |= uint32(bpf.MeshlaneMlPodFlagsML_POD_OUTBOUND_ALL_CIDRS)
+	}
+	if p.DNSCapture {
+		v.Flags |= uint32(bpf.MeshlaneMlPodFlagsML_POD_DNS_CAPTURE)
+		v.DnsPort = p.DNSPort
 	}
 	return v
 }

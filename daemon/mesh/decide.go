@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
+
+	"sigs.k8s.io/yaml"
 
 	"github.com/meshlane/meshlane/daemon/datapath"
 )
@@ -70,6 +73,9 @@ type Settings struct {
 	OutboundAllCIDRs     bool
 	OutboundIncludeCIDRs []netip.Prefix
 	OutboundExcludeCIDRs []netip.Prefix
+
+	DNSCapture bool
+	DNSPort    uint16
 }
 
 // Pod returns the datapath's view of the pod with network namespace cookie
@@ -93,6 +99,8 @@ func (s Settings) Pod(cookie uint64, ips []netip.Addr) datapath.Pod {
 		OutboundAllCIDRs:     s.OutboundAllCIDRs,
 		OutboundIncludeCIDRs: slices.Clone(s.OutboundIncludeCIDRs),
 		OutboundExcludeCIDRs: slices.Clone(s.OutboundExcludeCIDRs),
+		DNSCapture:           s.DNSCapture,
+		DNSPort:              s.DNSPort,
 	}
 }
 
@@ -220,6 +228,9 @@ const (
 	istioIncludeOutboundIPRanges = "traffic.sidecar.istio.io/includeOutboundIPRanges"
 	istioExcludeOutboundIPRanges = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
 	istioStatusPort              = "status.sidecar.istio.io/port"
+	// istioProxyConfig holds a ProxyConfig (YAML or JSON); its
+	// proxyMetadata ISTIO_META_DNS_CAPTURE="true" turns DNS capture on.
+	istioProxyConfig = "proxy.istio.io/config"
 )
 
 // istioSettings applies Istio's annotations. Absent includes default to
@@ -269,7 +280,37 @@ func istioSettings(s *Settings, p Profile, ann map[string]string) error {
 	s.OutboundAllCIDRs = cidrInc.all
 	s.OutboundIncludeCIDRs = cidrInc.prefixes
 	s.OutboundExcludeCIDRs = cidrExc.prefixes
+	capture, err := parseDNSCapture(ann[istioProxyConfig])
+	if err != nil {
+		return err
+	}
+	if capture && p.DNSPort != 0 {
+		s.DNSCapture, s.DNSPort = true, p.DNSPort
+	}
 	return nil
+}
+
+// parseDNSCapture reads ISTIO_META_DNS_CAPTURE from the proxyMetadata of a
+// proxy.istio.io/config annotation; every other field of the ProxyConfig
+// is the proxy's business.
+func parseDNSCapture(value string) (bool, error) {
+	if strings.TrimSpace(value) == "" {
+		return false, nil
+	}
+	var pc struct {
+		ProxyMetadata map[string]string `json:"proxyMetadata"`
+	}
+	if err := yaml.Unmarshal([]byte(value), &pc); err != nil {
+		return false, fmt.Errorf("annotation %s: not a ProxyConfig (YAML or JSON): %v", istioProxyConfig, err)
+	}
+	switch v := pc.ProxyMetadata["ISTIO_META_DNS_CAPTURE"]; v {
+	case "", "false":
+		return false, nil
+	case "true":
+		return true, nil
+	default:
+		return false, fmt.Errorf("annotation %s: proxyMetadata.ISTIO_META_DNS_CAPTURE %q (want \"true\" or \"false\")", istioProxyConfig, v)
+	}
 }
 
 // Linkerd's per-pod traffic annotations.

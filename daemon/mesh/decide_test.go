@@ -516,6 +516,8 @@ func TestSettingsPodFillsEveryField(t *testing.T) {
 		OutboundAllCIDRs:     true,
 		OutboundIncludeCIDRs: prefixes(t, "10.0.0.0/8"),
 		OutboundExcludeCIDRs: prefixes(t, "fd00::/8"),
+		DNSCapture:           true,
+		DNSPort:              9,
 	}
 	ip4, ip6 := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("fd00::5")
 	ips := []netip.Addr{ip6, ip4, ip6}
@@ -545,5 +547,50 @@ func TestSettingsPodFillsEveryField(t *testing.T) {
 	pod.IPs[0] = netip.MustParseAddr("10.9.9.9")
 	if s.InboundInclude[0] != 5 || s.OutboundIncludeCIDRs[0] != netip.MustParsePrefix("10.0.0.0/8") || ips[1] != ip4 {
 		t.Fatal("Pod() shares slices with its inputs")
+	}
+}
+
+// TestIstioDNSCapture: ISTIO_META_DNS_CAPTURE in the pod's ProxyConfig
+// annotation, YAML or JSON, turns DNS capture on with the profile's DNS
+// proxy port; anything but "true"/"false" is an error naming the annotation.
+func TestIstioDNSCapture(t *testing.T) {
+	cases := []struct {
+		value   string
+		capture bool
+		err     string
+	}{
+		{"", false, ""},
+		{"proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n", true, ""},
+		{`{"proxyMetadata":{"ISTIO_META_DNS_CAPTURE":"true","OTHER":"x"},"holdApplicationUntilProxyStarts":true}`, true, ""},
+		{"proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"false\"\n", false, ""},
+		{"concurrency: 2\n", false, ""},
+		{"proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"yes\"\n", false, "ISTIO_META_DNS_CAPTURE"},
+		{"proxyMetadata: [1, 2", false, "proxy.istio.io/config"},
+	}
+	for _, c := range cases {
+		ann := map[string]string{Istio.Marker: "{}"}
+		if c.value != "" {
+			ann["proxy.istio.io/config"] = c.value
+		}
+		d, err := Decide(ann, Istio)
+		if c.err != "" {
+			if err == nil || !strings.Contains(err.Error(), c.err) {
+				t.Errorf("%q: error %v, want one naming %s", c.value, err, c.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%q: %v", c.value, err)
+			continue
+		}
+		pod := d.Settings.Pod(1, nil)
+		if pod.DNSCapture != c.capture || (c.capture && pod.DNSPort != 15053) {
+			t.Errorf("%q: capture %v port %d, want %v", c.value, pod.DNSCapture, pod.DNSPort, c.capture)
+		}
+	}
+	// Linkerd has no DNS proxy: its pods never capture DNS.
+	d, err := Decide(map[string]string{Linkerd.Marker: "x", "proxy.istio.io/config": "proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"true\"}"}, Istio)
+	if err != nil || d.Settings.DNSCapture {
+		t.Fatalf("linkerd pod: %v %+v", err, d.Settings)
 	}
 }

@@ -44,6 +44,10 @@ type Profile struct {
 	// is up, for pods whose annotations the runtime did not pass.
 	ReadyPort uint16
 
+	// DNSPort is the sidecar's DNS proxy on loopback, where DNS goes when
+	// a pod asks for DNS capture; 0 when the mesh has none.
+	DNSPort uint16
+
 	// OptOutAnnotation and OptOutValue are the mesh's explicit "do not inject"
 	// annotation; they only serve to explain a NotMeshed decision.
 	OptOutAnnotation string
@@ -72,6 +76,7 @@ var Istio = Profile{
 	// Envoy connects to the app from ::6 for IPv6 inbound passthrough
 	// (127.0.0.6 needs nothing: all of 127/8 is on lo).
 	LoopbackAddrs6: []netip.Prefix{netip.MustParsePrefix("::6/128")},
+	DNSPort:        15053,
 }
 
 // Linkerd is the Linkerd2 proxy profile.

@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 		case sockoptProbeArg:
 			runSockoptProbe()
 			return
+		case dnsProbeArg:
+			runDNSProbe(os.Args[2:])
+			return
 		}
 	}
 	testenv.Main(m)

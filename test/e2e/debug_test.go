@@ -328,7 +328,7 @@ func TestMeshlanectl(t *testing.T) {
 	// Status: the attached programs and the map fill.
 	var st api.Status
 	e.ctlJSON(0, &st, "status")
-	if st.Datapath == nil || st.Datapath.Cgroup != e.cg.Path || st.Datapath.Sockmap || len(st.Datapath.Links) != 4 ||
+	if st.Datapath == nil || st.Datapath.Cgroup != e.cg.Path || st.Datapath.Sockmap || len(st.Datapath.Links) != 8 ||
 		st.Datapath.Maps["meshlane_pods"].Entries != 2 || st.Pods[api.StateMeshed] != 2 || st.Pods[api.StateNotMeshed] != 1 {
 		t.Fatalf("status: %+v %+v", st, st.Datapath)
 	}
