@@ -67,6 +67,11 @@ enum ml_pod_flags {
 	/* Send the apps' DNS (UDP and TCP port 53) to the sidecar's DNS proxy
 	 * (Istio ISTIO_META_DNS_CAPTURE). */
 	ML_POD_DNS_CAPTURE = 4,
+	/* The proxy's connections to a loopback address other than
+	 * 127.0.0.1/::1 go to the inbound listener on loopback, as
+	 * istio-iptables does: Istio's validation init container relies on it
+	 * (it dials 127.0.0.6:15002 and expects its 15006 listener). */
+	ML_POD_PROXY_LOOPBACK_INBOUND = 8,
 };
 
 /* Settings of one meshed pod, keyed by netns cookie. */
@@ -294,6 +299,14 @@ static __always_inline int addr_is_pod_local(const struct ml_addr *a)
 		a->w[3] == bpf_htonl(6));
 }
 
+/* 127.0.0.1 or ::1, where local listeners usually are. */
+static __always_inline int addr_is_default_loopback(const struct ml_addr *a)
+{
+	if (addr_is_v4(a))
+		return a->w[3] == bpf_htonl(0x7f000001);
+	return addr_is_loopback(a);
+}
+
 /* Ports in the remote_port/dst_port fields of sock_ops and sk_msg are in
  * network order; depending on the kernel and the field they sit in the low or
  * the high 16 bits of the u32. A real port is never 0, so the half that holds
@@ -331,6 +344,7 @@ enum verdict {
 	V_OUTBOUND,
 	V_INBOUND,
 	V_DNS,
+	V_LOOPBACK_INBOUND, /* to the pod's own inbound listener on loopback */
 };
 
 struct decision {
@@ -454,6 +468,14 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct decision *d)
 			count(ML_CNT_PASS_PROXY_OWN_POD);
 			return V_PASS;
 		}
+		if ((src->flags & ML_POD_PROXY_LOOPBACK_INBOUND) &&
+		    addr_is_pod_local(&d->orig.addr) &&
+		    !addr_is_default_loopback(&d->orig.addr)) {
+			d->orig.kind = ML_REDIRECT_INBOUND;
+			d->orig.listener_netns = netns;
+			d->new_port = src->inbound_port;
+			return V_LOOPBACK_INBOUND;
+		}
 		if (dst)
 			return decide_inbound(d, dst_netns, dst);
 		count(ML_CNT_PASS_PROXY_UPSTREAM);
@@ -501,7 +523,9 @@ static __always_inline void rewrite4(struct bpf_sock_addr *ctx,
 		count(ML_CNT_REDIRECT_INBOUND);
 	} else {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
-		count(v == V_DNS ? ML_CNT_REDIRECT_DNS : ML_CNT_REDIRECT_OUTBOUND);
+		count(v == V_DNS		  ? ML_CNT_REDIRECT_DNS :
+		      v == V_LOOPBACK_INBOUND ? ML_CNT_REDIRECT_INBOUND :
+						ML_CNT_REDIRECT_OUTBOUND);
 	}
 	ctx->user_port = bpf_htons(d->new_port);
 }
@@ -519,7 +543,9 @@ static __always_inline void rewrite6(struct bpf_sock_addr *ctx,
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = v4 ? bpf_htonl(0x0000ffff) : 0;
 		ctx->user_ip6[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
-		count(v == V_DNS ? ML_CNT_REDIRECT_DNS : ML_CNT_REDIRECT_OUTBOUND);
+		count(v == V_DNS		  ? ML_CNT_REDIRECT_DNS :
+		      v == V_LOOPBACK_INBOUND ? ML_CNT_REDIRECT_INBOUND :
+						ML_CNT_REDIRECT_OUTBOUND);
 	}
 	ctx->user_port = bpf_htons(d->new_port);
 }

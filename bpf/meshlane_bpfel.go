@@ -89,9 +89,10 @@ type MeshlaneMlPod struct {
 type MeshlaneMlPodFlags uint32
 
 const (
-	MeshlaneMlPodFlagsML_POD_INBOUND_ALL        MeshlaneMlPodFlags = 1
-	MeshlaneMlPodFlagsML_POD_OUTBOUND_ALL_CIDRS MeshlaneMlPodFlags = 2
-	MeshlaneMlPodFlagsML_POD_DNS_CAPTURE        MeshlaneMlPodFlags = 4
+	MeshlaneMlPodFlagsML_POD_INBOUND_ALL            MeshlaneMlPodFlags = 1
+	MeshlaneMlPodFlagsML_POD_OUTBOUND_ALL_CIDRS     MeshlaneMlPodFlags = 2
+	MeshlaneMlPodFlagsML_POD_DNS_CAPTURE            MeshlaneMlPodFlags = 4
+	MeshlaneMlPodFlagsML_POD_PROXY_LOOPBACK_INBOUND MeshlaneMlPodFlags = 8
 )
 
 type MeshlaneMlPortDir uint32

@@ -216,6 +216,7 @@ func settingsDiff(want, got datapath.Pod) []string {
 	field("outbound all CIDRs", want.OutboundAllCIDRs, got.OutboundAllCIDRs)
 	field("DNS capture", want.DNSCapture, got.DNSCapture)
 	field("DNS proxy port", want.DNSPort, got.DNSPort)
+	field("proxy loopback to inbound", want.ProxyLoopbackInbound, got.ProxyLoopbackInbound)
 	return out
 }
 

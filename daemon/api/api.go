@@ -132,6 +132,7 @@ type PodSettings struct {
 	OutboundExcludeCIDRs []netip.Prefix
 	DNSCapture           bool
 	DNSPort              uint16
+	ProxyLoopbackInbound bool
 }
 
 // Status answers GET /v1/status: what runs on this node and how full it is.

@@ -123,6 +123,7 @@ func (d *Datapath) ReadPod(netns uint64) (p Pod, found bool, err error) {
 		p.OutboundPort, p.InboundPort = v.OutboundPort, v.InboundPort
 		p.InboundAll = v.Flags&uint32(bpf.MeshlaneMlPodFlagsML_POD_INBOUND_ALL) != 0
 		p.OutboundAllCIDRs = v.Flags&uint32(bpf.MeshlaneMlPodFlagsML_POD_OUTBOUND_ALL_CIDRS) != 0
+		p.ProxyLoopbackInbound = v.Flags&uint32(bpf.MeshlaneMlPodFlagsML_POD_PROXY_LOOPBACK_INBOUND) != 0
 		if v.Flags&uint32(bpf.MeshlaneMlPodFlagsML_POD_DNS_CAPTURE) != 0 {
 			p.DNSCapture, p.DNSPort = true, v.DnsPort
 		}

@@ -45,4 +45,9 @@ type Pod struct {
 	// DNSPort; replies appear to come from the resolver asked.
 	DNSCapture bool
 	DNSPort    uint16
+
+	// ProxyLoopbackInbound sends the proxy's connections to a loopback
+	// address other than 127.0.0.1/::1 to its own inbound listener, as
+	// istio-iptables does (Istio's validation init container checks it).
+	ProxyLoopbackInbound bool
 }

@@ -142,6 +142,9 @@ func (p Pod) value() bpf.MeshlaneMlPod {
 	if p.OutboundAllCIDRs {
 		v.Flags |= uint32(bpf.MeshlaneMlPodFlagsML_POD_OUTBOUND_ALL_CIDRS)
 	}
+	if p.ProxyLoopbackInbound {
+		v.Flags |= uint32(bpf.MeshlaneMlPodFlagsML_POD_PROXY_LOOPBACK_INBOUND)
+	}
 	if p.DNSCapture {
 		v.Flags |= uint32(bpf.MeshlaneMlPodFlagsML_POD_DNS_CAPTURE)
 		v.DnsPort = p.DNSPort

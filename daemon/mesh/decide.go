@@ -76,6 +76,8 @@ type Settings struct {
 
 	DNSCapture bool
 	DNSPort    uint16
+
+	ProxyLoopbackInbound bool
 }
 
 // Pod returns the datapath's view of the pod with network namespace cookie
@@ -101,6 +103,7 @@ func (s Settings) Pod(cookie uint64, ips []netip.Addr) datapath.Pod {
 		OutboundExcludeCIDRs: slices.Clone(s.OutboundExcludeCIDRs),
 		DNSCapture:           s.DNSCapture,
 		DNSPort:              s.DNSPort,
+		ProxyLoopbackInbound: s.ProxyLoopbackInbound,
 	}
 }
 
@@ -212,6 +215,8 @@ func settingsFor(p Profile, ann map[string]string) (Settings, error) {
 		ProxyGID:     p.ProxyGID,
 		OutboundPort: p.OutboundPort,
 		InboundPort:  p.InboundPort,
+
+		ProxyLoopbackInbound: p.ProxyLoopbackInbound,
 	}
 	if err := readers[p.Name](&s, p, ann); err != nil {
 		return Settings{}, err

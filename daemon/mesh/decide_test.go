@@ -15,9 +15,10 @@ var linkerdProxyPorts = ports(4140, 4143, 4190, 4191)
 func istioDefaults() Settings {
 	return Settings{
 		ProxyUID: 1337, ProxyGID: 1337, OutboundPort: 15001, InboundPort: 15006,
-		InboundAll:       true,
-		InboundExclude:   istioProxyPorts,
-		OutboundAllCIDRs: true,
+		InboundAll:           true,
+		InboundExclude:       istioProxyPorts,
+		OutboundAllCIDRs:     true,
+		ProxyLoopbackInbound: true,
 	}
 }
 
@@ -518,6 +519,7 @@ func TestSettingsPodFillsEveryField(t *testing.T) {
 		OutboundExcludeCIDRs: prefixes(t, "fd00::/8"),
 		DNSCapture:           true,
 		DNSPort:              9,
+		ProxyLoopbackInbound: true,
 	}
 	ip4, ip6 := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("fd00::5")
 	ips := []netip.Addr{ip6, ip4, ip6}

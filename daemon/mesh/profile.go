@@ -48,6 +48,11 @@ type Profile struct {
 	// a pod asks for DNS capture; 0 when the mesh has none.
 	DNSPort uint16
 
+	// ProxyLoopbackInbound: the proxy's connections to a loopback address
+	// other than 127.0.0.1/::1 go to its inbound listener (istio-iptables
+	// behaviour, which Istio's validation init container checks).
+	ProxyLoopbackInbound bool
+
 	// OptOutAnnotation and OptOutValue are the mesh's explicit "do not inject"
 	// annotation; they only serve to explain a NotMeshed decision.
 	OptOutAnnotation string
@@ -77,6 +82,9 @@ var Istio = Profile{
 	// (127.0.0.6 needs nothing: all of 127/8 is on lo).
 	LoopbackAddrs6: []netip.Prefix{netip.MustParsePrefix("::6/128")},
 	DNSPort:        15053,
+	// istio-validation dials 127.0.0.6:15002 as the proxy user and expects
+	// its 127.0.0.1:15006 listener to answer.
+	ProxyLoopbackInbound: true,
 }
 
 // Linkerd is the Linkerd2 proxy profile.

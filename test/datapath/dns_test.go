@@ -158,16 +158,7 @@ func TestDNSCapture(t *testing.T) {
 	n.mesh(meshed, mesh.Istio, dnsCaptureAnn)
 	n.mesh(plain, mesh.Istio, nil)
 
-	// The test binary runs as the proxy and app users: copy it where they
-	// may execute it.
-	bin := filepath.Join(testenv.ScratchDir(t), "probe")
-	self, err := os.ReadFile(os.Args[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(bin, self, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	bin := probeBinary(t)
 	serve := func(p *testenv.Pod, uid uint32, name string, addrs ...string) {
 		out := filepath.Join(testenv.ScratchDir(t), "serve")
 		f, err := os.Create(out)

@@ -34,6 +34,9 @@ func TestMain(m *testing.M) {
 		case dnsProbeArg:
 			runDNSProbe(os.Args[2:])
 			return
+		case validateArg:
+			runValidation(os.Args[2:])
+			return
 		}
 	}
 	testenv.Main(m)
@@ -305,4 +308,19 @@ func (n *node) counters() map[string]uint64 {
 		n.t.Fatal(err)
 	}
 	return c
+}
+
+// probeBinary copies the test binary where the proxy and app users may run
+// it (the build directory is root's only), for the probes it doubles as.
+func probeBinary(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(testenv.ScratchDir(t), "probe")
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return bin
 }
