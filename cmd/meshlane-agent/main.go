@@ -4,7 +4,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"flag"
@@ -14,8 +13,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -27,6 +24,7 @@ import (
 	"github.com/meshlane/meshlane/daemon/api"
 	"github.com/meshlane/meshlane/daemon/datapath"
 	"github.com/meshlane/meshlane/daemon/mesh"
+	"github.com/meshlane/meshlane/daemon/mountinfo"
 )
 
 // shutdownTimeout bounds the wait for requests in flight at SIGTERM; the
@@ -324,50 +322,13 @@ func (p *probeServer) shutdown(ctx context.Context) {
 // cgroup2Root returns the mount point of the first cgroup2 filesystem
 // listed in mountinfo: its root is where attached programs cover every
 // process on the node.
-func cgroup2Root(mountinfo string) (string, error) {
-	f, err := os.Open(mountinfo)
+func cgroup2Root(path string) (string, error) {
+	root, err := mountinfo.First(path, "cgroup2")
 	if err != nil {
 		return "", fmt.Errorf("find the cgroup2 mount: %w (or pass --cgroup)", err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// "id parent maj:min root mountpoint options [optional...] - fstype source superopts"
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, f := range fields {
-			if f == "-" {
-				sep = i
-				break
-			}
-		}
-		if sep < 5 || sep+1 >= len(fields) || fields[sep+1] != "cgroup2" {
-			continue
-		}
-		return unescapeMountinfo(fields[4]), nil
+	if root == "" {
+		return "", fmt.Errorf("no cgroup2 filesystem in %s: mount cgroup v2 or pass --cgroup", path)
 	}
-	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("read %s: %w", mountinfo, err)
-	}
-	return "", fmt.Errorf("no cgroup2 filesystem in %s: mount cgroup v2 or pass --cgroup", mountinfo)
-}
-
-// unescapeMountinfo undoes the kernel's octal escapes (\040 for a space)
-// in mountinfo paths.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return root, nil
 }

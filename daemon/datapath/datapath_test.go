@@ -52,9 +52,10 @@ func entries(t *testing.T, d *datapath.Datapath) map[string]int {
 	return out
 }
 
-func linkIDs(t *testing.T, bpffs string) map[string]link.ID {
+// pinnedLinks returns, per pinned link, its link id and program id.
+func pinnedLinks(t *testing.T, bpffs string) (map[string]link.ID, map[string]ebpf.ProgramID) {
 	t.Helper()
-	ids := map[string]link.ID{}
+	links, progs := map[string]link.ID{}, map[string]ebpf.ProgramID{}
 	files, _ := filepath.Glob(filepath.Join(bpffs, "links", "*"))
 	for _, f := range files {
 		l, err := link.LoadPinnedLink(f, nil)
@@ -65,10 +66,22 @@ func linkIDs(t *testing.T, bpffs string) map[string]link.ID {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ids[filepath.Base(f)] = info.ID
+		links[filepath.Base(f)], progs[filepath.Base(f)] = info.ID, info.Program
 		l.Close()
 	}
-	return ids
+	return links, progs
+}
+
+func linkIDs(t *testing.T, bpffs string) map[string]link.ID {
+	t.Helper()
+	links, _ := pinnedLinks(t, bpffs)
+	return links
+}
+
+func progIDs(t *testing.T, bpffs string) map[string]ebpf.ProgramID {
+	t.Helper()
+	_, progs := pinnedLinks(t, bpffs)
+	return progs
 }
 
 // TestReloadKeepsState: a second agent (restart or upgrade) reopens the
@@ -274,25 +287,6 @@ func TestFullMapIsAClearError(t *testing.T) {
 	if got := entries(t, d); got["meshlane_pods"] != 0 || got["meshlane_ports"] != 0 || got["meshlane_podips"] != 0 {
 		t.Fatalf("a pod whose rules did not fit left %v", got)
 	}
-}
-
-func progIDs(t *testing.T, bpffs string) map[string]ebpf.ProgramID {
-	t.Helper()
-	ids := map[string]ebpf.ProgramID{}
-	files, _ := filepath.Glob(filepath.Join(bpffs, "links", "*"))
-	for _, f := range files {
-		l, err := link.LoadPinnedLink(f, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		info, err := l.Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		ids[filepath.Base(f)] = info.Program
-		l.Close()
-	}
-	return ids
 }
 
 // TestUpgradeAcrossLayouts: an agent whose maps have a new layout loads

@@ -1,7 +1,6 @@
 package testenv
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -15,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshlane/meshlane/daemon/mountinfo"
 )
 
 // Cgroup is a cgroup v2 directory this package made, with an open
@@ -31,47 +32,14 @@ const cgroupKillTimeout = 5 * time.Second
 // Cgroup2Mount returns where the cgroup v2 hierarchy is mounted, read from
 // /proc/self/mountinfo (hybrid hosts mount it at /sys/fs/cgroup/unified).
 func Cgroup2Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	root, err := mountinfo.First("/proc/self/mountinfo", "cgroup2")
 	if err != nil {
 		return "", fmt.Errorf("find cgroup2 mount: %w", err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// id parent major:minor root mountpoint options [optional...] - fstype source superoptions
-		fields := strings.Fields(sc.Text())
-		sep := slices.Index(fields, "-")
-		if sep < 5 || sep+1 >= len(fields) {
-			continue
-		}
-		if fields[sep+1] == "cgroup2" {
-			return unescapeMountinfo(fields[4]), nil
-		}
+	if root == "" {
+		return "", errors.New("no cgroup2 filesystem is mounted: mount one (mount -t cgroup2 none /sys/fs/cgroup) first")
 	}
-	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("find cgroup2 mount: read mountinfo: %w", err)
-	}
-	return "", errors.New("no cgroup2 filesystem is mounted: mount one (mount -t cgroup2 none /sys/fs/cgroup) first")
-}
-
-// unescapeMountinfo undoes the octal escapes (\040 for space and so on)
-// that mountinfo uses in paths.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return root, nil
 }
 
 // NewCgroup creates the cgroup parent/name, which must not exist yet, and

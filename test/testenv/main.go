@@ -1,7 +1,6 @@
 package testenv
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/meshlane/meshlane/daemon/mountinfo"
 )
 
 // atExit holds cleanups of resources shared by a whole test binary.
@@ -78,20 +79,14 @@ func Leftovers() ([]string, error) {
 	}
 	left = append(left, matches...)
 
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read("/proc/self/mountinfo")
 	if err != nil {
 		return nil, fmt.Errorf("read mounts: %w", err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && strings.Contains(fields[4], runPrefix()) {
-			left = append(left, "mount "+unescapeMountinfo(fields[4]))
+	for _, m := range mounts {
+		if strings.Contains(m.Point, runPrefix()) {
+			left = append(left, "mount "+m.Point)
 		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read mounts: %w", err)
 	}
 	slices.Sort(left)
 	return slices.Compact(left), nil

@@ -27,16 +27,3 @@ func TestObjectName(t *testing.T) {
 		}
 	}
 }
-
-func TestUnescapeMountinfo(t *testing.T) {
-	for in, want := range map[string]string{
-		`/sys/fs/cgroup/unified`: "/sys/fs/cgroup/unified",
-		`/mnt/a\040b`:            "/mnt/a b",
-		`/mnt/tab\011x\134y`:     "/mnt/tab\tx\\y",
-		`/mnt/short\04`:          `/mnt/short\04`,
-	} {
-		if got := unescapeMountinfo(in); got != want {
-			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
-		}
-	}
-}
