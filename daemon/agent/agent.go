@@ -106,6 +106,9 @@ type Agent struct {
 	started    time.Time
 	metrics    *metrics
 	install    atomic.Pointer[func() api.InstallStatus]
+	// fault is the crash-test fault point (see FaultEnv); noFault outside
+	// crash tests.
+	fault fault
 
 	// waitFor are the sidecars a waiting pod may turn out to have: the
 	// default profile first, then the other meshes, each with its
@@ -150,6 +153,10 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	flt, err := faultFromEnv()
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &Agent{
 		maps:       cfg.Maps,
@@ -163,6 +170,7 @@ func New(cfg Config) (*Agent, error) {
 		version:    cfg.Version,
 		started:    time.Now(),
 		waitFor:    waitFor,
+		fault:      flt,
 		pods:       make(map[string]*entry),
 		ctx:        ctx,
 		cancel:     cancel,
@@ -266,16 +274,34 @@ func (a *Agent) put(e *entry) {
 	a.gen++
 }
 
-// drop removes e from the maps (if it was written there) and then from
-// the registry. The caller holds the pod's stripe lock. If the maps refuse
-// the delete, the pod stays held so that a retry can remove it.
+// drop removes e from the maps and then from the registry. The caller
+// holds the pod's stripe lock. If the maps refuse the delete, the pod stays
+// held so that a retry can remove it.
+//
+// A pod still waiting for its sidecar may be in the maps too: an agent
+// killed while meshing it (promote) wrote the maps but not the state file.
+// Its entries are keyed by its netns cookie, which no other pod ever has,
+// and DeletePod removes an address only while it names that cookie, so
+// deleting them is safe whether or not they exist.
 func (a *Agent) drop(e *entry) error {
-	if e.rec.Pod != nil {
-		if err := a.maps.DeletePod(*e.rec.Pod); err != nil {
+	pod := e.rec.Pod
+	if pod == nil && e.rec.State == api.StateWaiting {
+		ips, _ := parseIPs(e.rec.Event.IPs)
+		pod = &datapath.Pod{NetnsCookie: e.rec.NetnsCookie, IPs: ips}
+	}
+	if pod != nil {
+		if err := a.maps.DeletePod(*pod); err != nil {
 			return fmt.Errorf("delete pod %s (netns cookie %d) from the datapath maps: %w",
 				e.rec.Event.ContainerID, e.rec.NetnsCookie, err)
 		}
 	}
+	a.forget(e)
+	return nil
+}
+
+// forget removes e from the registry and stops its watcher, leaving the
+// maps alone. The caller holds the pod's stripe lock.
+func (a *Agent) forget(e *entry) {
 	if e.stopWatch != nil {
 		e.stopWatch()
 	}
@@ -285,7 +311,6 @@ func (a *Agent) drop(e *entry) error {
 		delete(a.pods, e.rec.Event.ContainerID)
 		a.gen++
 	}
-	return nil
 }
 
 // holdsCookie reports whether any held pod has netns cookie c.

@@ -438,8 +438,9 @@ func TestRestoreRefusesUnknownStateFile(t *testing.T) {
 	}
 }
 
-// TestKilledBetweenMapsAndStateFile plays the crash the write order is
-// designed for: the maps hold a pod the state file does not list.
+// TestKilledBetweenMapsAndStateFile: the maps hold a pod the state file
+// does not list, as an agent of an earlier version (which wrote the maps
+// first) killed between the two, or a lost state file, leaves them.
 func TestKilledBetweenMapsAndStateFile(t *testing.T) {
 	maps := newFakeMaps()
 	a1 := newAgent(t, opts{maps: maps, stateDir: t.TempDir()})

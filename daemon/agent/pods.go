@@ -18,21 +18,28 @@ import (
 
 // Write order and crash safety.
 //
-// ADD writes the datapath maps first, then the state file, then answers.
-// Killed at any point, nothing is lost:
-//   - before the maps: nothing happened; the plugin saw no answer, so the
-//     runtime retries the ADD or tears the sandbox down.
-//   - after the maps, before the state file: the pod redirects but the
-//     restarted agent does not know it. The plugin saw no answer: a retried
-//     ADD of the same container finds the same netns cookie and rewrites
-//     the same map entries (UpsertPod is idempotent), then records the pod;
-//     a DEL instead (sandbox torn down) reaches Del's unknown-container
-//     path, which deletes the entries keyed by the netns cookie while the
-//     netns still exists.
-//   - after the state file, before the answer: the restarted agent holds
-//     the pod and re-applies it; the retried ADD is a no-op.
-// Writing the maps first also means the state file never lists a pod whose
-// map write failed, so a failed ADD needs no state rollback.
+// ADD writes the state file first, then the datapath maps, then answers;
+// DEL deletes from the maps first, then writes the state file. So the state
+// file lists every pod the maps may hold, and a restarted agent (Restore)
+// either re-applies a pod or, its netns gone, deletes its entries. Killed
+// at any point of ADD (each point is a fault of faults.go, exercised by
+// test/e2e/faults_test.go):
+//   - before the state file: nothing was written; the plugin saw no
+//     answer and fails the ADD, so the runtime tears the sandbox down and
+//     retries with a new one.
+//   - after the state file, before the maps or before the answer: the
+//     restarted agent holds the pod. If the runtime kept the sandbox, the
+//     agent writes the pod into the maps again (idempotent) and the
+//     runtime's DEL or retried ADD finds it held; if the runtime tore the
+//     sandbox down meanwhile (its DEL could not reach a dead agent, and the
+//     plugin lets DEL succeed), the netns is gone and Restore deletes the
+//     pod's entries.
+// Writing the maps first instead would leave entries no agent knows of in
+// that last case, keyed by a dead netns and by addresses the IPAM hands to
+// the next pod, which would then be redirected to a sidecar it lacks.
+// Killed in DEL after the maps, before the state file: the restarted agent
+// still lists the pod and drops it, its netns being gone, or re-applies it
+// until the background GC sees the netns go.
 
 // Add handles a CNI ADD. It answers only once the pod's redirect is in the
 // maps, so the pod's first packet is already redirected.
@@ -54,6 +61,7 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 		}
 		return api.PodResponse{}, withStatus(code, fmt.Errorf("ADD %s: read netns cookie: %w", ev.ContainerID, err))
 	}
+	a.crashAt(faultAddAfterCookie)
 
 	old := a.get(ev.ContainerID)
 	if old != nil && old.rec.NetnsCookie == cookie {
@@ -94,11 +102,6 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 			return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("ADD %s: %w", ev.ContainerID, err))
 		}
 		pod := d.Settings.Pod(cookie, ips)
-		if err := a.maps.UpsertPod(pod); err != nil {
-			a.persistOrLog()
-			return api.PodResponse{}, withStatus(http.StatusInternalServerError,
-				fmt.Errorf("ADD %s: write pod into the datapath maps: %w", ev.ContainerID, err))
-		}
 		e.rec.State = api.StateMeshed
 		e.rec.Pod = &pod
 	case mesh.NotMeshed:
@@ -109,13 +112,28 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 		e.rec.State = api.StateWaiting
 	}
 	a.put(e)
+	if err := a.persist(); err != nil {
+		// Nothing is in the maps yet: forget the pod, and the runtime
+		// retries.
+		a.forget(e)
+		return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("ADD %s: %w", ev.ContainerID, err))
+	}
+	a.crashAt(faultAddAfterState)
+	if e.rec.Pod != nil {
+		if err := a.maps.UpsertPod(*e.rec.Pod); err != nil {
+			// UpsertPod took back what it wrote: forget the pod too, so
+			// that a restart does not try again what did not fit.
+			a.forget(e)
+			a.persistOrLog()
+			a.log.Error("pod refused: the datapath maps did not take it; the plugin fails its ADD and the runtime retries",
+				zap.String("container_id", ev.ContainerID), zap.String("pod", podName(ev)), zap.Error(err))
+			return api.PodResponse{}, withStatus(http.StatusInternalServerError,
+				fmt.Errorf("ADD %s: write pod into the datapath maps: %w", ev.ContainerID, err))
+		}
+	}
+	a.crashAt(faultAddAfterMaps)
 	if e.rec.State == api.StateWaiting {
 		a.startWatch(e)
-	}
-	if err := a.persist(); err != nil {
-		// The pod stays held and redirected: failing the ADD makes the
-		// runtime send DEL, which removes it cleanly.
-		return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("ADD %s: %w", ev.ContainerID, err))
 	}
 	a.logPod(EventAdded, "pod added", e.rec, start)
 	return response(e.rec), nil
@@ -141,9 +159,11 @@ func (a *Agent) Del(ev api.PodEvent) (api.PodResponse, error) {
 	if err := a.drop(e); err != nil {
 		return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("DEL: %w", err))
 	}
+	a.crashAt(faultDelAfterMaps)
 	// A failed write here is harmless: the stale record names a netns that
 	// is about to go, and Restore drops such records.
 	a.persistOrLog()
+	a.crashAt(faultDelAfterState)
 	rec := e.rec
 	rec.State = api.StateDeleted
 	rec.Reason = "CNI DEL"
@@ -152,10 +172,11 @@ func (a *Agent) Del(ev api.PodEvent) (api.PodResponse, error) {
 }
 
 // cleanUnheld removes map entries a DEL'd container may have left behind
-// although the agent does not hold it: the agent was killed after writing
-// the maps and before writing the state file (see the write order above).
-// Only the netns cookie, while the netns still exists, and addresses no
-// held pod uses are deleted, so a live pod is never touched.
+// although the agent does not hold it: an agent of an earlier version,
+// which wrote the maps before the state file, was killed between the two,
+// or the state file was lost. Only the netns cookie, while the netns still
+// exists, and addresses no held pod uses are deleted, so a live pod is
+// never touched.
 func (a *Agent) cleanUnheld(ev api.PodEvent) {
 	if ev.Netns == "" {
 		return

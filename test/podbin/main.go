@@ -17,6 +17,7 @@ Commands:
   server    app server: answers HELLO with the addresses it sees, then echoes
   client    app client: HELLO exchange and optional echo check, JSON results
   http-server  HTTP/1.1 keep-alive server answering every GET with a fixed body
+  hold      opens many connections to the app server and holds them open
 
 Run "podbin <command> --help" for the flags of a command.
 `
@@ -36,6 +37,8 @@ func main() {
 		run = runClient
 	case "http-server":
 		run = runHTTPServer
+	case "hold":
+		run = runHold
 	case "-h", "-help", "--help", "help":
 		fmt.Print(usage)
 		return
