@@ -404,6 +404,32 @@ func TestRestore(t *testing.T) {
 	eventually(t, "restored waiting pod meshed", func() bool { return podState(a3, "rs-waiting") == api.StateMeshed })
 }
 
+// TestRestoreRefusedPod: a pod the maps refuse at restore (a full map
+// after a crash) is dropped with an error line instead of keeping the
+// agent from starting; the other pods are restored.
+func TestRestoreRefusedPod(t *testing.T) {
+	stateDir := t.TempDir()
+	a1 := newAgent(t, opts{maps: newFakeMaps(), stateDir: stateDir})
+	meshed, plain := newPod(t, "rr-meshed", istioAnn), newPod(t, "rr-plain", plainAnn)
+	for _, p := range []pod{meshed, plain} {
+		mustAdd(t, a1, p.ev)
+	}
+	a1.Close()
+	full := newFakeMaps()
+	full.failWrite = errors.New("datapath: map meshlane_ports is full")
+	a2 := newAgent(t, opts{maps: full, stateDir: stateDir})
+	if err := a2.Restore(); err != nil {
+		t.Fatalf("Restore with a full map: %v", err)
+	}
+	if got, want := heldIDs(a2), []string{"rr-plain"}; !slices.Equal(got, want) {
+		t.Fatalf("held %v, want %v", got, want)
+	}
+	data, _ := os.ReadFile(filepath.Join(stateDir, "pods.json"))
+	if strings.Contains(string(data), "rr-meshed") {
+		t.Fatal("state file still lists the refused pod")
+	}
+}
+
 func copyFile(t *testing.T, from, to string) {
 	t.Helper()
 	data, err := os.ReadFile(from)

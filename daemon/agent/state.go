@@ -186,7 +186,15 @@ func (a *Agent) restoreOne(rec PodRecord) error {
 			return fmt.Errorf("restore: meshed pod %s has no datapath entry in the state file: move the file away", rec.Event.ContainerID)
 		}
 		if err := a.maps.UpsertPod(*rec.Pod); err != nil {
-			return fmt.Errorf("restore: re-apply pod %s to the datapath maps: %w", rec.Event.ContainerID, err)
+			// Refusing to start would leave the whole node without an
+			// agent (and, fail closed, without new pods). The pod that
+			// does not fit is refused as its ADD would have been: it was
+			// recorded just before a crash, its ADD never answered, and
+			// the runtime retries it.
+			a.forget(e)
+			a.log.Error("restore: pod refused: the datapath maps did not take it",
+				zap.String("container_id", rec.Event.ContainerID), zap.String("pod", podName(rec.Event)), zap.Error(err))
+			return nil
 		}
 	case api.StateWaiting:
 		a.startWatch(e)
