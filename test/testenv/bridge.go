@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -35,7 +36,7 @@ var (
 // FreeSubnets picks a random /24 and /64 from the test ranges that no
 // address on this host overlaps, so parallel runs get their own subnets.
 func FreeSubnets() (v4, v6 netip.Prefix, err error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return netlink.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return v4, v6, fmt.Errorf("list host addresses: %w", err)
 	}
@@ -208,4 +209,16 @@ func DeleteLink(name string) error {
 		return fmt.Errorf("delete link %s: %w", name, err)
 	}
 	return nil
+}
+
+// retryDump runs a netlink dump again while it comes back interrupted,
+// which happens when links or addresses change meanwhile (other tests,
+// other processes on the machine).
+func retryDump[T any](dump func() ([]T, error)) ([]T, error) {
+	out, err := dump()
+	for try := 0; errors.Is(err, netlink.ErrDumpInterrupted) && try < 10; try++ {
+		time.Sleep(20 * time.Millisecond)
+		out, err = dump()
+	}
+	return out, err
 }

@@ -1,14 +1,12 @@
 package testenv
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/vishvananda/netlink"
 
@@ -57,13 +55,7 @@ func Leftovers() ([]string, error) {
 	}
 	left = append(left, matches...)
 
-	// A dump interrupted by links changing meanwhile (other tests, other
-	// processes) is retried.
-	links, err := netlink.LinkList()
-	for try := 0; errors.Is(err, netlink.ErrDumpInterrupted) && try < 5; try++ {
-		time.Sleep(50 * time.Millisecond)
-		links, err = netlink.LinkList()
-	}
+	links, err := retryDump(netlink.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
