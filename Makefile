@@ -54,7 +54,7 @@ help:
 
 .PHONY: bench bench-quick
 
-## bench: the data-path benchmark, as root with wrk installed (make deps); about 10 minutes; results in results/bench-<time>/
+## bench: data path (iptables vs meshlane) and control path (CNI ADD/DEL, agent RSS), as root; about 20 minutes; results in results/bench-<time>/
 BENCHFLAGS ?=
 bench:
 	@mkdir -p $(BIN)

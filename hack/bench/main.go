@@ -1,13 +1,16 @@
 // Command bench measures meshlane's data path against the iptables
 // redirect it replaces: HTTP through two sidecars between pods on one node,
 // through one sidecar to a non-meshed pod, new connections per second,
-// bulk throughput, and the connect() tax on pods outside the mesh.
+// bulk throughput, and the connect() tax on pods outside the mesh. Its
+// control-path workload measures what meshlane adds to CNI ADD and DEL
+// and what the agent costs in memory and CPU.
 //
 // Every mode runs on the same topology (a bridge; pods A, B, R and C in
 // network namespaces; every process in one cgroup), built anew per mode and
 // round, and rounds rotate the mode order so a noisy neighbour hits every
-// mode alike. It needs root and wrk; results go to results/bench-<time>/.
-// See docs/benchmarks.md.
+// mode alike; the control path does the same with its own two modes. It
+// needs root, and wrk for the data path; results go to
+// results/bench-<time>/. See docs/benchmarks.md.
 package main
 
 import (
@@ -43,10 +46,12 @@ type config struct {
 	RemoteConns []int `json:"remoteConns"`
 	CloseConns  int   `json:"closeConns"`
 	// Kinds are the workload kinds to run (all by default).
-	Kinds     []string `json:"kinds"`
-	BulkBytes int      `json:"bulkBytes"`
-	Threads   int      `json:"wrkThreads"`
-	Out       string   `json:"out"`
+	Kinds []string `json:"kinds"`
+	// Pods is how many pods the control workload adds and deletes.
+	Pods      int    `json:"pods"`
+	BulkBytes int    `json:"bulkBytes"`
+	Threads   int    `json:"wrkThreads"`
+	Out       string `json:"out"`
 	// Rerender names an earlier run's directory whose report is to be
 	// written again from its results.json; nothing is measured.
 	Rerender string `json:"-"`
@@ -68,7 +73,40 @@ func (c config) workloads() []workload {
 	return slices.DeleteFunc(wls, func(w workload) bool { return !slices.Contains(c.Kinds, w.Kind) })
 }
 
-var allKinds = []string{kindKeepalive, kindClose, kindBulk, kindConnect}
+var allKinds = []string{kindKeepalive, kindClose, kindBulk, kindConnect, kindControl}
+
+// maxPods bounds --pods: a Linux bridge takes 1024 ports, and the pods'
+// IPv4 subnet is widened from a /24 for them (see podSubnets).
+const maxPods = 1000
+
+// phase is a set of modes that take turns within each round, and how one
+// mode's runs of a round are measured.
+type phase struct {
+	modes []string
+	run   func(ctx context.Context, round int, mode string) ([]Run, error)
+}
+
+// phases are what each round runs, in order: the data-path modes, then
+// the control-path ones.
+func (c config) phases(n *node) []phase {
+	var out []phase
+	if wls := c.workloads(); len(wls) > 0 {
+		out = append(out, phase{c.Modes, func(ctx context.Context, round int, mode string) ([]Run, error) {
+			return n.runMode(ctx, round, mode, wls, c)
+		}})
+	}
+	if slices.Contains(c.Kinds, kindControl) {
+		out = append(out, phase{controlModes, func(ctx context.Context, round int, mode string) ([]Run, error) {
+			return n.runControl(ctx, round, mode, c)
+		}})
+	}
+	return out
+}
+
+// figures turns a run's measurements into the report's figures.
+func (c config) figures(runs []Run) []Figure {
+	return append(figures(runs, c.workloads(), c.Modes), controlFigures(runs, c.Pods)...)
+}
 
 func main() {
 	if len(os.Args) > 1 {
@@ -111,9 +149,10 @@ func parseFlags(args []string) (config, error) {
 	rounds := fs.Int("rounds", 3, "rounds: every mode runs every workload once per round")
 	dur := fs.Duration("duration", 5*time.Second, "length of each measured run, whole seconds (wrk's unit)")
 	warmup := fs.Duration("warmup", time.Second, "unrecorded keep-alive run before each mode's measurements, whole seconds")
-	quick := fs.Bool("quick", false, "smoke run under 3 minutes: 1 round of 1s, fewer points; checks the bench works, not the numbers")
-	modes := fs.String("modes", strings.Join(allModes, ","), "modes to compare, comma separated")
+	quick := fs.Bool("quick", false, "smoke run under 3 minutes: 1 round of 1s, fewer points and pods; checks the bench works, not the numbers")
+	modes := fs.String("modes", strings.Join(allModes, ","), "data-path modes to compare, comma separated (the control workload always runs both of its own)")
 	kinds := fs.String("workloads", strings.Join(allKinds, ","), "workload kinds to run, comma separated (a focused re-measurement)")
+	pods := fs.Int("pods", 500, "pods the control workload adds, then deletes, per mode and round")
 	conns := fs.String("conns", "1,8,64", "keep-alive connection counts, pod A to pod B")
 	remote := fs.String("remote-conns", "1,8,64", "keep-alive connection counts, pod A to pod R")
 	closeConns := fs.Int("close-conns", 8, "connections of the new-connection-per-request workload")
@@ -128,7 +167,7 @@ func parseFlags(args []string) (config, error) {
 		return config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg := config{Rounds: *rounds, Duration: *dur, Warmup: *warmup, Quick: *quick, CloseConns: *closeConns,
-		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender}
+		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if cfg.Quick {
@@ -144,6 +183,9 @@ func parseFlags(args []string) (config, error) {
 		}
 		if !set["remote-conns"] {
 			*remote = "8"
+		}
+		if !set["pods"] {
+			cfg.Pods = 50
 		}
 	}
 	var err error
@@ -172,6 +214,8 @@ func parseFlags(args []string) (config, error) {
 		return cfg, fmt.Errorf("--bulk-bytes %d: want 1 to 1 GiB", cfg.BulkBytes)
 	case cfg.Threads < 1:
 		return cfg, fmt.Errorf("--wrk-threads %d: want at least 1", cfg.Threads)
+	case cfg.Pods < 1 || cfg.Pods > maxPods:
+		return cfg, fmt.Errorf("--pods %d: want 1 to %d", cfg.Pods, maxPods)
 	}
 	return cfg, nil
 }
@@ -221,7 +265,7 @@ func rerender(dir string) error {
 	if err := json.Unmarshal(b, &rep); err != nil {
 		return fmt.Errorf("decode %s/results.json: %w", dir, err)
 	}
-	rep.Figures = figures(rep.Runs, rep.Config.workloads(), rep.Config.Modes)
+	rep.Figures = rep.Config.figures(rep.Runs)
 	return rep.write(dir)
 }
 
@@ -230,6 +274,13 @@ func preflight(cfg config) error {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (network namespaces, cgroups, bpffs, iptables): run it with sudo")
 	}
+	if _, err := os.Stat("test/podbin"); err != nil {
+		return errors.New("run from the repository root: ./test/podbin is not here")
+	}
+	// The control path alone needs neither wrk nor iptables.
+	if len(cfg.workloads()) == 0 {
+		return nil
+	}
 	if _, err := exec.LookPath("wrk"); err != nil {
 		return errors.New("wrk not found: install it with `make deps` (Debian package wrk)")
 	}
@@ -237,9 +288,6 @@ func preflight(cfg config) error {
 		if _, err := exec.LookPath("iptables-restore"); err != nil {
 			return errors.New("iptables-restore not found: install it with `make deps` (Debian package iptables)")
 		}
-	}
-	if _, err := os.Stat("test/podbin"); err != nil {
-		return errors.New("run from the repository root: ./test/podbin is not here")
 	}
 	return nil
 }
@@ -270,40 +318,51 @@ func run(cfg config) error {
 	if err != nil {
 		return err
 	}
-	wls := cfg.workloads()
-	total := cfg.Rounds * len(cfg.Modes)
+	phases := cfg.phases(n)
+	total := 0
+	for _, ph := range phases {
+		total += cfg.Rounds * len(ph.modes)
+	}
 	done := 0
-	fmt.Printf("bench: %d rounds × %d modes × %d workloads of %s; results in %s\n", cfg.Rounds, len(cfg.Modes), len(wls), cfg.Duration, dir)
+	if wls := cfg.workloads(); len(wls) > 0 {
+		fmt.Printf("bench: data path: %d rounds × %d modes × %d workloads of %s\n", cfg.Rounds, len(cfg.Modes), len(wls), cfg.Duration)
+	}
+	if slices.Contains(cfg.Kinds, kindControl) {
+		fmt.Printf("bench: control path: %d rounds × %d modes × %d pods added and deleted\n", cfg.Rounds, len(controlModes), cfg.Pods)
+	}
+	fmt.Printf("bench: results in %s\n", dir)
 rounds:
 	for round := range cfg.Rounds {
-		for _, mode := range rotate(cfg.Modes, round) {
-			if ctx.Err() != nil {
-				break rounds
-			}
-			start := time.Now()
-			runs, err := n.runMode(ctx, round, mode, wls, cfg)
-			rep.Runs = append(rep.Runs, runs...)
-			done++
-			bad := 0
-			for _, r := range runs {
-				if r.Err != "" {
-					bad++
-				}
-			}
-			fmt.Printf("bench: [%d/%d] round %d %-17s %d runs, %d bad, %s\n", done, total, round+1, mode, len(runs), bad, time.Since(start).Round(time.Second))
-			if err != nil {
+		for _, ph := range phases {
+			for _, mode := range rotate(ph.modes, round) {
 				if ctx.Err() != nil {
 					break rounds
 				}
-				rep.Problems = append(rep.Problems, fmt.Sprintf("round %d, %s: %v", round, mode, oneLine(err.Error())))
-				fmt.Fprintf(os.Stderr, "bench: round %d, %s: %v\n", round, mode, err)
-			}
-			// The kernel frees a deleted pod's network namespace (its
-			// sockets, TIME_WAIT ones included) in a worker after the
-			// fact; let that finish before the next mode measures.
-			select {
-			case <-ctx.Done():
-			case <-time.After(settleTime):
+				start := time.Now()
+				runs, err := ph.run(ctx, round, mode)
+				rep.Runs = append(rep.Runs, runs...)
+				done++
+				bad := 0
+				for _, r := range runs {
+					if r.Err != "" {
+						bad++
+					}
+				}
+				fmt.Printf("bench: [%d/%d] round %d %-17s %d runs, %d bad, %s\n", done, total, round+1, mode, len(runs), bad, time.Since(start).Round(time.Second))
+				if err != nil {
+					if ctx.Err() != nil {
+						break rounds
+					}
+					rep.Problems = append(rep.Problems, fmt.Sprintf("round %d, %s: %v", round, mode, oneLine(err.Error())))
+					fmt.Fprintf(os.Stderr, "bench: round %d, %s: %v\n", round, mode, err)
+				}
+				// The kernel frees a deleted pod's network namespace (its
+				// sockets, TIME_WAIT ones included) in a worker after the
+				// fact; let that finish before the next mode measures.
+				select {
+				case <-ctx.Done():
+				case <-time.After(settleTime):
+				}
 			}
 		}
 	}
@@ -314,7 +373,7 @@ rounds:
 	}
 	rep.Finished = time.Now().UTC()
 	rep.LoadAvgEnd = loadAvg()
-	rep.Figures = figures(rep.Runs, wls, cfg.Modes)
+	rep.Figures = cfg.figures(rep.Runs)
 	if err := rep.write(dir); err != nil {
 		return errors.Join(err, terr)
 	}

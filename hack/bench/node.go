@@ -8,8 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/meshlane/meshlane/test/cninode"
 	"github.com/meshlane/meshlane/test/testenv"
 )
 
@@ -27,7 +31,8 @@ var groupNames = []string{groupLoad, groupApps, groupSidecarA, groupSidecarB}
 
 // node is what every mode shares for the whole run: the bench cgroup and
 // its groups, a private bpffs, the bridge, the built podbin and a scratch
-// directory every uid may write. Pods are made anew for each mode.
+// directory every uid may write. Pods are made anew for each mode. The
+// control path adds its built CNI plugins and agent, and its own cgroup.
 type node struct {
 	cfg     config
 	cg      *testenv.Cgroup
@@ -39,6 +44,13 @@ type node struct {
 	scratch string
 	logs    string
 	undo    cleanups
+	// cniBin holds the control path's programs; its agents attach to
+	// controlCg, where no process runs, so they never tax the data path.
+	// controlDir, a tmpfs, holds each control node's socket, agent state,
+	// CNI cache and IPAM data.
+	cniBin     cninode.Binaries
+	controlCg  *testenv.Cgroup
+	controlDir string
 }
 
 // setupNode builds the node. On error it has already undone what it made.
@@ -62,13 +74,6 @@ func setupNode(outDir string, cfg config) (_ *node, err error) {
 	if err := os.Chmod(n.scratch, 0o777|os.ModeSticky); err != nil {
 		return nil, fmt.Errorf("scratch directory: %w", err)
 	}
-	if n.podbin, err = buildPodbin(n.scratch); err != nil {
-		return nil, err
-	}
-	if n.probe, err = copySelf(n.scratch); err != nil {
-		return nil, err
-	}
-
 	mnt, err := testenv.Cgroup2Mount()
 	if err != nil {
 		return nil, err
@@ -78,19 +83,6 @@ func setupNode(outDir string, cfg config) (_ *node, err error) {
 	}
 	// Destroy kills whatever is left below and removes the children too.
 	n.undo.add("destroy cgroup", n.cg.Destroy)
-	for _, g := range groupNames {
-		if n.groups[g], err = testenv.NewCgroup(n.cg.Path, g); err != nil {
-			return nil, err
-		}
-		n.undo.add("destroy cgroup "+g, n.groups[g].Destroy)
-	}
-
-	stats, err := enableProgramStats()
-	if err != nil {
-		return nil, err
-	}
-	n.undo.add("disable BPF run time statistics", stats.Close)
-
 	dir, unmount, err := testenv.MountBPFFS()
 	if err != nil {
 		return nil, err
@@ -98,15 +90,57 @@ func setupNode(outDir string, cfg config) (_ *node, err error) {
 	n.undo.add("unmount bpffs", unmount)
 	n.bpffs = dir
 
+	if slices.Contains(cfg.Kinds, kindControl) {
+		if n.cniBin, err = cninode.Build(filepath.Join(n.scratch, "cni-bin")); err != nil {
+			return nil, err
+		}
+		if n.controlCg, err = testenv.NewCgroup(n.cg.Path, "control"); err != nil {
+			return nil, err
+		}
+		n.undo.add("destroy cgroup control", n.controlCg.Destroy)
+		if n.controlDir, err = mountTmpfs(filepath.Join(n.scratch, "control")); err != nil {
+			return nil, err
+		}
+		n.undo.add("unmount tmpfs", func() error { return unmountDir(n.controlDir) })
+	}
+	if len(cfg.workloads()) > 0 {
+		if err := n.setupDataPath(); err != nil {
+			return nil, err
+		}
+	}
+	return n, nil
+}
+
+// setupDataPath adds what the data-path modes share to the node.
+func (n *node) setupDataPath() (err error) {
+	if n.podbin, err = buildPodbin(n.scratch); err != nil {
+		return err
+	}
+	if n.probe, err = copySelf(n.scratch); err != nil {
+		return err
+	}
+	for _, g := range groupNames {
+		if n.groups[g], err = testenv.NewCgroup(n.cg.Path, g); err != nil {
+			return err
+		}
+		n.undo.add("destroy cgroup "+g, n.groups[g].Destroy)
+	}
+
+	stats, err := enableProgramStats()
+	if err != nil {
+		return err
+	}
+	n.undo.add("disable BPF run time statistics", stats.Close)
+
 	v4, v6, err := testenv.FreeSubnets()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if n.br, err = testenv.CreateBridge("bench", v4, v6); err != nil {
-		return nil, err
+		return err
 	}
 	n.undo.add("delete bridge", n.br.Delete)
-	return n, nil
+	return nil
 }
 
 // teardown undoes setupNode and reports anything of this run still left.
@@ -120,6 +154,27 @@ func (n *node) teardown() error {
 		err = errors.Join(err, fmt.Errorf("left behind, remove by hand: %s", strings.Join(left, ", ")))
 	}
 	return err
+}
+
+// mountTmpfs makes dir and mounts a tmpfs on it. The agent's state file,
+// rewritten and fsynced at every ADD and DEL, lives in /var/run on a real
+// node, which is a tmpfs there; here /tmp may be a disk, and its fsyncs
+// would be counted against meshlane.
+func mountTmpfs(dir string) (string, error) {
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return "", fmt.Errorf("tmpfs mount point: %w", err)
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755"); err != nil {
+		return "", errors.Join(fmt.Errorf("mount tmpfs on %s: %w", dir, err), os.Remove(dir))
+	}
+	return dir, nil
+}
+
+func unmountDir(dir string) error {
+	if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("unmount %s: %w", dir, err)
+	}
+	return nil
 }
 
 // buildPodbin builds ./test/podbin into dir, world-executable: pods run it

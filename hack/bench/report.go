@@ -100,7 +100,7 @@ func (rep *Report) chart(target, metric, title, ylabel string) Chart {
 func (rep *Report) markdown(chartFiles []string) string {
 	var b strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
-	p("# meshlane data-path benchmark, %s", rep.Started.Format("2006-01-02 15:04 UTC"))
+	p("# meshlane benchmark, %s", rep.Started.Format("2006-01-02 15:04 UTC"))
 	p("")
 	if rep.Interrupted {
 		p("**Interrupted before the end: partial results.**")
@@ -111,6 +111,33 @@ func (rep *Report) markdown(chartFiles []string) string {
 	p("- machine: %d CPUs (%s), memory %s, kernel `%s`", m.CPUs, m.CPUModel, m.MemTotal, m.Kernel)
 	p("- load average at start: %s; at end: %s; 1-minute load at the start of each run: %s", rep.LoadAvgStart, rep.LoadAvgEnd, rep.loadRange())
 	p("- commit %s, %s, load generator `%s`", m.Commit, m.Go, m.Wrk)
+	if len(rep.Config.workloads()) > 0 {
+		rep.dataPathSection(&b, chartFiles)
+	}
+	if ctl := rep.controlSection(); ctl != "" {
+		p("")
+		b.WriteString(ctl)
+	}
+	if len(rep.Problems) > 0 || rep.failedRuns() > 0 {
+		p("")
+		p("## Problems")
+		p("")
+		for _, pr := range rep.Problems {
+			p("- %s", pr)
+		}
+		for _, r := range rep.Runs {
+			if r.Err != "" {
+				p("- round %d, %s, %s: %s", r.Round, r.Mode, r.Workload, oneLine(r.Err))
+			}
+		}
+	}
+	return b.String()
+}
+
+// dataPathSection writes the data-path part of results.md: the run's
+// set-up, the tables, the connect tax, the counters and the charts.
+func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
+	p := func(format string, args ...any) { fmt.Fprintf(b, format+"\n", args...) }
 	p("- sidecar: %s", sidecarName)
 	p("- load generator: %s", loadGenName)
 	if tool := rep.iptablesTool(); tool != "" {
@@ -121,7 +148,7 @@ func (rep *Report) markdown(chartFiles []string) string {
 	p("")
 	p("Cells: mean (min–max) over the good rounds; below, the ratio of the means to iptables and to direct measured in this same run.")
 	p("")
-	rep.table(&b, false)
+	rep.table(b, false)
 	if tax := rep.connectTax(); tax != "" {
 		p("")
 		p("## Connect tax on non-meshed pods")
@@ -133,7 +160,7 @@ func (rep *Report) markdown(chartFiles []string) string {
 	p("")
 	p("Machine idle share during each run (from /proc/stat, all CPUs, other users of the machine included) and CPU time per request of each process group of the bench cgroup (cgroup cpu.stat; softirq work is charged to whichever process was running).")
 	p("")
-	rep.table(&b, true)
+	rep.table(b, true)
 	if counters := rep.counterTotals(); len(counters) > 0 {
 		p("")
 		p("## Datapath counters, summed over the measured runs")
@@ -170,20 +197,6 @@ func (rep *Report) markdown(chartFiles []string) string {
 			p("![%s](%s)", f, f)
 		}
 	}
-	if len(rep.Problems) > 0 || rep.failedRuns() > 0 {
-		p("")
-		p("## Problems")
-		p("")
-		for _, pr := range rep.Problems {
-			p("- %s", pr)
-		}
-		for _, r := range rep.Runs {
-			if r.Err != "" {
-				p("- round %d, %s, %s: %s", r.Round, r.Mode, r.Workload, oneLine(r.Err))
-			}
-		}
-	}
-	return b.String()
 }
 
 // table writes the main table (cpu false) or the CPU table (cpu true).
@@ -191,20 +204,13 @@ func (rep *Report) table(b *strings.Builder, cpu bool) {
 	modes := rep.Config.Modes
 	fmt.Fprintf(b, "| figure | %s |\n|---|%s\n", strings.Join(modes, " | "), strings.Repeat("---:|", len(modes)))
 	for _, f := range rep.Figures {
-		if f.CPU != cpu {
+		if f.CPU != cpu || f.Kind == kindControl {
 			continue
 		}
 		row := fmt.Sprintf("| %s: %s (%s%s) |", f.Workload, f.Metric, f.Unit, betterHint(f.LowerWins))
 		for _, mode := range modes {
-			s, ok := f.Modes[mode]
-			if !ok {
-				row += " – |"
-				continue
-			}
-			cell := fmtValue(s.Mean)
-			if s.N > 1 {
-				cell += fmt.Sprintf(" (%s–%s)", fmtValue(s.Min), fmtValue(s.Max))
-			}
+			// A mode without figures has no ratios either.
+			cell := statCell(f.Modes, mode)
 			var ratios []string
 			if mode != modeIptables && !cpu {
 				if r, ok := f.VsIptables[mode]; ok {

@@ -69,10 +69,11 @@ type Run struct {
 	Conns    int       `json:"conns"`
 	Start    time.Time `json:"start"`
 	// Wrk and WrkOutput are set for wrk workloads, Connect for the
-	// connect tax.
+	// connect tax, Control for the control path.
 	Wrk       *WrkResult     `json:"wrk,omitempty"`
 	WrkOutput string         `json:"wrkOutput,omitempty"`
 	Connect   *ConnectResult `json:"connect,omitempty"`
+	Control   *ControlResult `json:"control,omitempty"`
 	// CPU is the machine's CPU split during the run; GroupCPU the CPU time
 	// (µs) each process group of the bench cgroup used.
 	CPU      CPUShare          `json:"cpu"`

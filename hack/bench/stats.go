@@ -49,6 +49,9 @@ type Figure struct {
 	Modes      map[string]Stat    `json:"modes"`
 	VsIptables map[string]float64 `json:"ratioToIptables"`
 	VsDirect   map[string]float64 `json:"ratioToDirect"`
+	// Added is, for control-path latencies, what meshlane adds: the
+	// primary+meshlane figure minus the primary one, per round.
+	Added *Stat `json:"addedByMeshlane,omitempty"`
 }
 
 // metric extracts one number from a good run.

@@ -96,6 +96,10 @@ type Options struct {
 	// name meshlane-cni and a CNI bin dir without it, and the chain used
 	// for pods is whatever the agent's installer wrote.
 	Install bool
+	// Unchained runs the primary network alone, without meshlane-cni and
+	// with no agent: the baseline that shows what meshlane adds to a
+	// pod's CNI ADD and DEL.
+	Unchained bool
 }
 
 // Node is a running simulated node.
@@ -113,7 +117,7 @@ type Node struct {
 	done  chan error
 }
 
-// Start writes the conflist and starts the agent.
+// Start writes the conflist and starts the agent (none when Unchained).
 func Start(opts Options) (*Node, error) {
 	if opts.CNIVersion == "" {
 		opts.CNIVersion = "1.1.0"
@@ -125,6 +129,9 @@ func Start(opts Options) (*Node, error) {
 		opts.FailPolicy = "closed"
 	}
 	n := &Node{opts: opts, Sock: filepath.Join(opts.Dir, "run", "meshlane.sock"), State: filepath.Join(opts.Dir, "state")}
+	if opts.Install && opts.Unchained {
+		return nil, errors.New("options Install and Unchained exclude each other: the installer chains meshlane-cni")
+	}
 	if opts.Install {
 		return n, n.startInstalled()
 	}
@@ -136,6 +143,9 @@ func Start(opts Options) (*Node, error) {
 		return nil, fmt.Errorf("parse conflist: %w", err)
 	}
 	n.cni = libcni.NewCNIConfigWithCacheDir([]string{opts.Bin.Dir}, filepath.Join(opts.Dir, "cni-cache"), nil)
+	if opts.Unchained {
+		return n, nil
+	}
 	if err := n.StartAgent(); err != nil {
 		return nil, err
 	}
@@ -190,8 +200,9 @@ func (n *Node) LoadChain() error {
 
 // Conflist is the node's CNI configuration: the primary network (bridge +
 // host-local) with meshlane-cni chained last, declaring the capability
-// that makes the runtime pass pod annotations.
-func (n *Node) Conflist() ([]byte, error) { return n.conflist(true) }
+// that makes the runtime pass pod annotations; the primary network alone
+// when the node is Unchained.
+func (n *Node) Conflist() ([]byte, error) { return n.conflist(!n.opts.Unchained) }
 
 func (n *Node) conflist(chained bool) ([]byte, error) {
 	var ranges [][]map[string]string
@@ -274,6 +285,17 @@ func (n *Node) StartAgent() error {
 	}
 }
 
+// AgentPid is the running agent's process ID, 0 when no agent runs: for
+// reading its memory and CPU time in /proc.
+func (n *Node) AgentPid() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.agent == nil {
+		return 0
+	}
+	return n.agent.Process.Pid
+}
+
 func (n *Node) ready() error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
@@ -306,7 +328,11 @@ type Pod struct {
 	NetnsPath       string
 	IPv4, IPv6      netip.Addr
 	Annotations     map[string]string
-	rt              *libcni.RuntimeConf
+	// AddTook and DelTook are how long the chain's ADD and DEL took
+	// through libcni, namespace set-up and removal left out; DelTook is
+	// set by DelPod.
+	AddTook, DelTook time.Duration
+	rt               *libcni.RuntimeConf
 }
 
 func (n *Node) runtimeConf(p *Pod) *libcni.RuntimeConf {
@@ -350,7 +376,9 @@ func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations m
 	}
 	p := &Pod{Name: name, Namespace: namespace, ContainerID: "ctr-" + filepath.Base(path), NetnsPath: path, Annotations: annotations}
 	p.rt = n.runtimeConf(p)
+	start := time.Now()
 	res, err := n.cni.AddNetworkList(ctx, n.list, p.rt)
+	p.AddTook = time.Since(start)
 	if err != nil {
 		// What a runtime does when ADD fails: DEL, then drop the sandbox.
 		n.cni.DelNetworkList(ctx, n.list, p.rt)
@@ -375,7 +403,9 @@ func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations m
 
 // DelPod runs the chain's DEL and removes the netns.
 func (n *Node) DelPod(ctx context.Context, p *Pod) error {
+	start := time.Now()
 	err := n.cni.DelNetworkList(ctx, n.list, p.rt)
+	p.DelTook = time.Since(start)
 	return errors.Join(err, testenv.DeleteNetns(p.NetnsPath))
 }
 
