@@ -354,15 +354,14 @@ func (n *Node) runtimeConf(p *Pod) *libcni.RuntimeConf {
 	return rt
 }
 
-// AddPod creates the pod's netns and runs the chain's ADD. annotations nil
-// means the runtime passes none (the agent then waits for a sidecar).
-func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations map[string]string) (*Pod, error) {
+// sandbox creates a pod's netns with lo up, as a runtime does before it
+// runs the chain (containerd brings lo up itself; it is not part of the
+// conflist, and the redirect to the sidecar's loopback listener needs it).
+func (n *Node) sandbox(namespace, name string, annotations map[string]string) (*Pod, error) {
 	path, err := testenv.CreateNetns(name)
 	if err != nil {
 		return nil, err
 	}
-	// containerd brings lo up in every sandbox itself (it is not part of
-	// the conflist); the redirect to the sidecar's loopback listener needs it.
 	err = testenv.InNetns(path, func() error {
 		lo, err := netlink.LinkByName("lo")
 		if err != nil {
@@ -376,6 +375,17 @@ func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations m
 	}
 	p := &Pod{Name: name, Namespace: namespace, ContainerID: "ctr-" + filepath.Base(path), NetnsPath: path, Annotations: annotations}
 	p.rt = n.runtimeConf(p)
+	return p, nil
+}
+
+// AddPod creates the pod's netns and runs the chain's ADD. annotations nil
+// means the runtime passes none (the agent then waits for a sidecar).
+func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations map[string]string) (*Pod, error) {
+	p, err := n.sandbox(namespace, name, annotations)
+	if err != nil {
+		return nil, err
+	}
+	path := p.NetnsPath
 	start := time.Now()
 	res, err := n.cni.AddNetworkList(ctx, n.list, p.rt)
 	p.AddTook = time.Since(start)
