@@ -218,24 +218,7 @@ func (s *sidecar) copy(dst, src *net.TCPConn) (int64, error) {
 		// *net.TCPConn.ReadFrom from another *net.TCPConn uses splice(2).
 		return io.Copy(dst, src)
 	}
-	buf := make([]byte, 32<<10)
-	var total int64
-	for {
-		n, rerr := src.Read(buf)
-		if n > 0 {
-			w, werr := dst.Write(buf[:n])
-			total += int64(w)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if rerr == io.EOF {
-			return total, nil
-		}
-		if rerr != nil {
-			return total, rerr
-		}
-	}
+	return plainCopy(dst, src)
 }
 
 func unmapped(ap netip.AddrPort) netip.AddrPort {
