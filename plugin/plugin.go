@@ -31,21 +31,35 @@ type runner struct {
 	stderr io.Writer
 }
 
+// chainedCall is what ADD and CHECK share: the config, the prevResult a
+// chained plugin must get, the agent client, the logger and the pod event.
+type chainedCall struct {
+	conf  *Config
+	prev  types.Result
+	agent *agentClient
+	log   *logger
+	ev    api.PodEvent
+}
+
+func (r *runner) chained(args *skel.CmdArgs, verb string) (c chainedCall, err error) {
+	if c.conf, err = parseConfig(args.StdinData); err != nil {
+		return c, err
+	}
+	if c.prev, err = requirePrevResult(c.conf); err != nil {
+		return c, err
+	}
+	c.agent = newAgentClient(c.conf.Socket, c.conf.Timeout)
+	c.log = newLogger(r.stderr, c.conf.LogLevel, c.agent, verb, args.ContainerID)
+	c.ev, err = newPodEvent(args, c.conf, c.prev)
+	return c, err
+}
+
 func (r *runner) cmdAdd(args *skel.CmdArgs) error {
-	conf, err := parseConfig(args.StdinData)
+	c, err := r.chained(args, "ADD")
 	if err != nil {
 		return err
 	}
-	prev, err := requirePrevResult(conf)
-	if err != nil {
-		return err
-	}
-	agent := newAgentClient(conf.Socket, conf.Timeout)
-	log := newLogger(r.stderr, conf.LogLevel, agent, "ADD", args.ContainerID)
-	ev, err := newPodEvent(args, conf, prev)
-	if err != nil {
-		return err
-	}
+	conf, prev, agent, log, ev := c.conf, c.prev, c.agent, c.log, c.ev
 	log.debug("reporting pod to the meshlane agent", "pod", podKey(ev), "ips", strings.Join(ev.IPs, ","), "netns", ev.Netns)
 
 	raw, err := agent.call(http.MethodPost, api.PathAdd, ev)
@@ -104,20 +118,11 @@ func (r *runner) cmdDel(args *skel.CmdArgs) error {
 }
 
 func (r *runner) cmdCheck(args *skel.CmdArgs) error {
-	conf, err := parseConfig(args.StdinData)
+	c, err := r.chained(args, "CHECK")
 	if err != nil {
 		return err
 	}
-	prev, err := requirePrevResult(conf)
-	if err != nil {
-		return err
-	}
-	agent := newAgentClient(conf.Socket, conf.Timeout)
-	log := newLogger(r.stderr, conf.LogLevel, agent, "CHECK", args.ContainerID)
-	ev, err := newPodEvent(args, conf, prev)
-	if err != nil {
-		return err
-	}
+	conf, agent, log, ev := c.conf, c.agent, c.log, c.ev
 	if _, err := agent.call(http.MethodPost, api.PathCheck, ev); err != nil {
 		return agentFailure(conf, log, ev, "check", err)
 	}
