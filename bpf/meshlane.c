@@ -22,6 +22,12 @@
  *   cgroup/getsockopt          answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST
  *                              from the accepted socket's storage.
  *   sk_msg                     hands bytes straight to the peer socket.
+ *   tc ingress, egress         on a meshed pod's interface, inside its netns:
+ *                              a connection from outside the node (no
+ *                              connect hook saw it) to a redirected port
+ *                              goes to the inbound listener, its replies get
+ *                              the port back; sockops adopts and ends the
+ *                              per-connection record.
  *
  * Pod identity is the socket's network namespace cookie, which the agent
  * maps to the pod from the netns the CNI plugin reported: exact from the
@@ -34,6 +40,10 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -122,6 +132,8 @@ enum ml_redirect_kind {
 	ML_REDIRECT_OUTBOUND = 1,
 	ML_REDIRECT_INBOUND = 2,
 	ML_REDIRECT_DNS = 3,
+	/* Inbound from outside the node, rewritten by tc. */
+	ML_REDIRECT_INBOUND_REMOTE = 4,
 };
 
 /* The original destination of a redirected connection. */
@@ -144,6 +156,24 @@ struct ml_tuple {
 	struct ml_addr dst;
 	__u16 src_port;
 	__u16 dst_port;
+	__u32 _pad;
+};
+
+/* A connection from outside the node that tc sent to a pod's inbound
+ * listener, by the pod's address and the peer's end. The pod's port is left
+ * out: on the wire it is the dialed port one way and the listener's the
+ * other. */
+struct ml_flow_key {
+	struct ml_addr pod;
+	struct ml_addr peer;
+	__u16 peer_port;
+	__u16 _pad;
+	__u32 _pad2;
+};
+
+struct ml_flow {
+	__u16 orig_port;    /* the port the peer dialed */
+	__u16 inbound_port; /* the sidecar's inbound listener */
 	__u32 _pad;
 };
 
@@ -176,6 +206,10 @@ enum ml_counter {
 	ML_CNT_MSG_REDIRECTED,
 	ML_CNT_MSG_REDIRECTED_BYTES,
 	ML_CNT_MSG_PEER_MISSING,
+	ML_CNT_REDIRECT_INBOUND_REMOTE,
+	ML_CNT_REMOTE_FLOW_FAILED,
+	ML_CNT_REMOTE_REWRITE_FAILED,
+	ML_CNT_REMOTE_FLOW_ENDED,
 	ML_CNT_MAX,
 };
 
@@ -228,6 +262,17 @@ struct {
 	__type(key, int);
 	__type(value, struct ml_origdst);
 } meshlane_sks SEC(".maps");
+
+/* Connections tc rewrites, from their SYN until sockops sees the accepted
+ * socket close or tc sees a reset. LRU: a SYN that is never answered (the
+ * peer gave up, a flood) leaves an entry that the busy ones push out, where
+ * a plain hash would fill up and stop redirecting. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct ml_flow_key);
+	__type(value, struct ml_flow);
+} meshlane_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -735,8 +780,7 @@ static __always_inline void skops_remote(struct bpf_sock_ops *skops,
 /* Client side of a redirected connection, source port now chosen: publish
  * the original destination under the connection's tuple for the listener's
  * getsockopt, and ask for state callbacks so it is removed on close. */
-static __always_inline void publish_origdst(struct bpf_sock_ops *skops,
-					    int closing)
+static __always_inline void publish_origdst(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct ml_origdst *o;
@@ -753,15 +797,89 @@ static __always_inline void publish_origdst(struct bpf_sock_ops *skops,
 	t.src_port = (__u16)skops->local_port;
 	t.dst_port = port_from_net32(skops->remote_port);
 
-	if (closing) {
-		bpf_map_delete_elem(&meshlane_origdst, &t);
-		return;
-	}
 	if (bpf_map_update_elem(&meshlane_origdst, &t, o, BPF_ANY)) {
 		count(ML_CNT_ORIGDST_RECORD_FAILED);
 		return;
 	}
 	count(ML_CNT_ORIGDST_RECORDED);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						 BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void end_flow(const struct ml_flow_key *k)
+{
+	if (!bpf_map_delete_elem(&meshlane_flows, k))
+		count(ML_CNT_REMOTE_FLOW_ENDED);
+}
+
+/* The flow key of an accepted socket: its local end is the pod's. */
+static __always_inline void skops_flow_key(struct bpf_sock_ops *skops,
+					   struct ml_flow_key *k)
+{
+	skops_local(skops, &k->pod);
+	skops_remote(skops, &k->peer);
+	k->peer_port = port_from_net32(skops->remote_port);
+}
+
+/* A socket that asked for state callbacks has closed: remove what was
+ * recorded for its connection and never taken (client side), or the tc
+ * flow of a connection from outside the node (accepted side). */
+static __always_inline void closed(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct ml_origdst *o;
+
+	if (!sk)
+		return;
+	o = bpf_sk_storage_get(&meshlane_sks, sk, 0, 0);
+	if (!o)
+		return;
+	if (o->kind == ML_REDIRECT_INBOUND_REMOTE) {
+		struct ml_flow_key k = {};
+
+		skops_flow_key(skops, &k);
+		end_flow(&k);
+		return;
+	}
+
+	struct ml_tuple t = {};
+
+	t.netns = o->listener_netns;
+	skops_local(skops, &t.src);
+	skops_remote(skops, &t.dst);
+	t.src_port = (__u16)skops->local_port;
+	t.dst_port = port_from_net32(skops->remote_port);
+	bpf_map_delete_elem(&meshlane_origdst, &t);
+}
+
+/* Listener side of a connection tc sent from outside the node: its flow
+ * names the dialed port. The accepted socket gets the original destination
+ * and state callbacks, so its close ends the flow. */
+static __always_inline void adopt_remote(struct bpf_sock_ops *skops,
+					 struct bpf_sock *sk,
+					 const struct ml_tuple *t)
+{
+	struct ml_flow_key k = {};
+	struct ml_origdst *mine;
+	struct ml_flow *f;
+
+	k.pod = t->dst;
+	k.peer = t->src;
+	k.peer_port = t->src_port;
+	f = bpf_map_lookup_elem(&meshlane_flows, &k);
+	if (!f || f->inbound_port != t->dst_port)
+		return;
+	mine = bpf_sk_storage_get(&meshlane_sks, sk, 0,
+				  BPF_SK_STORAGE_GET_F_CREATE);
+	if (!mine) {
+		count(ML_CNT_STORAGE_FAILED);
+		return;
+	}
+	mine->addr = t->dst;
+	mine->port = f->orig_port;
+	mine->kind = ML_REDIRECT_INBOUND_REMOTE;
+	mine->listener_netns = t->netns;
+	count(ML_CNT_ORIGDST_ADOPTED);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 						 BPF_SOCK_OPS_STATE_CB_FLAG);
 }
@@ -785,8 +903,10 @@ static __always_inline void adopt_origdst(struct bpf_sock_ops *skops)
 	t.dst_port = (__u16)skops->local_port;
 
 	o = bpf_map_lookup_elem(&meshlane_origdst, &t);
-	if (!o)
+	if (!o) {
+		adopt_remote(skops, sk, &t);
 		return;
+	}
 	mine = bpf_sk_storage_get(&meshlane_sks, sk, 0,
 				  BPF_SK_STORAGE_GET_F_CREATE);
 	if (!mine) {
@@ -831,11 +951,11 @@ int meshlane_sockops(struct bpf_sock_ops *skops)
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		publish_origdst(skops, 0);
+		publish_origdst(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)
-			publish_origdst(skops, 1);
+			closed(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		adopt_origdst(skops);
@@ -949,4 +1069,176 @@ int meshlane_getsockopt(struct bpf_sockopt *ctx)
 	ctx->retval = 0;
 	count(ML_CNT_ORIGDST_ANSWERED);
 	return 1;
+}
+
+/* tc: connections from outside the node.
+ *
+ * No connect hook on this node sees a connection that comes from another
+ * node (or from a process outside the attached cgroup), so it would reach
+ * the app's port directly. These programs sit on the pod's interface,
+ * inside its netns, and do what istio-iptables' PREROUTING REDIRECT does:
+ * a SYN to a redirected port goes to the inbound listener, and so does the
+ * rest of that connection; its replies leave with the dialed port again.
+ * The sidecar's accepted socket adopts the original destination in sockops
+ * (adopt_remote) and its close ends the flow (closed).
+ *
+ * A connection the connect hooks already redirected arrives with the
+ * inbound listener's port, which is never rewritten: one path per
+ * connection. Both programs return TC_ACT_UNSPEC, which is also tcx's
+ * "next", so programs attached after them still run. */
+
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define TH_ACK 0x10
+
+struct pkt {
+	struct ml_addr src, dst;
+	__u32 l4; /* offset of the TCP header */
+	__u16 sport, dport;
+	__u8 flags;
+};
+
+/* 0 when skb is a TCP segment over IPv4 or IPv6 on Ethernet. IPv4
+ * fragments and IPv6 extension headers are left alone: TCP stacks set DF
+ * and send no extension headers, and a later fragment has no ports. The
+ * loads copy, so headers outside the linear part need no pull. */
+static __always_inline int parse_tcp(struct __sk_buff *skb, struct pkt *p)
+{
+	__u8 tcp[14];
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+			return -1;
+		if (ip.protocol != IPPROTO_TCP || ip.ihl < 5 ||
+		    (ip.frag_off & bpf_htons(0x3fff)))
+			return -1;
+		addr_v4(&p->src, ip.saddr);
+		addr_v4(&p->dst, ip.daddr);
+		p->l4 = ETH_HLEN + ip.ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+			return -1;
+		if (ip6.nexthdr != IPPROTO_TCP)
+			return -1;
+		__builtin_memcpy(&p->src, &ip6.saddr, sizeof(p->src));
+		__builtin_memcpy(&p->dst, &ip6.daddr, sizeof(p->dst));
+		p->l4 = ETH_HLEN + sizeof(ip6);
+	} else {
+		return -1;
+	}
+	if (bpf_skb_load_bytes(skb, p->l4, tcp, sizeof(tcp)))
+		return -1;
+	p->sport = (__u16)tcp[0] << 8 | tcp[1];
+	p->dport = (__u16)tcp[2] << 8 | tcp[3];
+	p->flags = tcp[13];
+	return 0;
+}
+
+/* Rewrites the destination (dst) or source port from one value to another
+ * and fixes the TCP checksum (a port is not in the pseudo-header, so a
+ * partial checksum needs no change and the helper leaves it). */
+static __always_inline int set_port(struct __sk_buff *skb, const struct pkt *p,
+				    int dst, __u16 from, __u16 to)
+{
+	__be16 f = bpf_htons(from), t = bpf_htons(to);
+
+	if (bpf_l4_csum_replace(skb, p->l4 + 16, f, t, sizeof(t)) ||
+	    bpf_skb_store_bytes(skb, p->l4 + (dst ? 2 : 0), &t, sizeof(t), 0)) {
+		count(ML_CNT_REMOTE_REWRITE_FAILED);
+		return -1;
+	}
+	return 0;
+}
+
+/* A new connection into the pod: the inbound rules decide, as for one from
+ * a host process (decide_inbound). */
+static __always_inline void remote_syn(struct __sk_buff *skb,
+				       const struct pkt *p,
+				       const struct ml_flow_key *k)
+{
+	struct decision d = {};
+	struct ml_pod *pod = NULL;
+	struct ml_flow f = {};
+	__u64 *netns;
+
+	netns = bpf_map_lookup_elem(&meshlane_podips, &p->dst);
+	if (netns)
+		pod = bpf_map_lookup_elem(&meshlane_pods, netns);
+	if (!pod) {
+		count(ML_CNT_PASS_NOT_MESHED);
+		return;
+	}
+	d.orig.addr = p->dst;
+	d.orig.port = p->dport;
+	if (decide_inbound(&d, *netns, pod) == V_PASS) {
+		/* A flow left by an earlier connection of the same peer
+		 * socket must not rewrite this one's replies. */
+		bpf_map_delete_elem(&meshlane_flows, k);
+		return;
+	}
+	f.orig_port = p->dport;
+	f.inbound_port = d.new_port;
+	if (bpf_map_update_elem(&meshlane_flows, k, &f, BPF_ANY)) {
+		count(ML_CNT_REMOTE_FLOW_FAILED);
+		return;
+	}
+	if (set_port(skb, p, 1, p->dport, d.new_port)) {
+		bpf_map_delete_elem(&meshlane_flows, k);
+		return;
+	}
+	count(ML_CNT_REDIRECT_INBOUND_REMOTE);
+}
+
+SEC("tc")
+int meshlane_tc_ingress(struct __sk_buff *skb)
+{
+	struct ml_flow_key k = {};
+	struct pkt p = {};
+	struct ml_flow *f;
+	__u16 to;
+
+	if (parse_tcp(skb, &p))
+		return TC_ACT_UNSPEC;
+	k.pod = p.dst;
+	k.peer = p.src;
+	k.peer_port = p.sport;
+	if ((p.flags & (TH_SYN | TH_ACK)) == TH_SYN) {
+		remote_syn(skb, &p, &k);
+		return TC_ACT_UNSPEC;
+	}
+	f = bpf_map_lookup_elem(&meshlane_flows, &k);
+	if (!f || f->orig_port != p.dport)
+		return TC_ACT_UNSPEC;
+	to = f->inbound_port;
+	if (!set_port(skb, &p, 1, p.dport, to) && (p.flags & TH_RST))
+		end_flow(&k);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int meshlane_tc_egress(struct __sk_buff *skb)
+{
+	struct ml_flow_key k = {};
+	struct pkt p = {};
+	struct ml_flow *f;
+	__u16 to;
+
+	if (parse_tcp(skb, &p))
+		return TC_ACT_UNSPEC;
+	k.pod = p.src;
+	k.peer = p.dst;
+	k.peer_port = p.dport;
+	f = bpf_map_lookup_elem(&meshlane_flows, &k);
+	if (!f || f->inbound_port != p.sport)
+		return TC_ACT_UNSPEC;
+	to = f->orig_port;
+	/* A reset from the pod (no listener, or an abort) ends the flow; so
+	 * does one from the peer, on ingress. */
+	if (!set_port(skb, &p, 0, p.sport, to) && (p.flags & TH_RST))
+		end_flow(&k);
+	return TC_ACT_UNSPEC;
 }

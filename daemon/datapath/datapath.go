@@ -27,7 +27,7 @@ const DefaultBPFFS = "/sys/fs/bpf/meshlane"
 // key or value layout changes in bpf/meshlane.c: pinned maps are only checked
 // for type and sizes on reuse, never for the meaning of their bytes, so a new
 // layout must never open an old pin. TestLayoutVersion guards it.
-const LayoutVersion = 2
+const LayoutVersion = 3
 
 // Options configure Load.
 type Options struct {
@@ -38,6 +38,9 @@ type Options struct {
 	CgroupPath string
 	// Sockmap turns on the sockops/sk_msg short-circuit.
 	Sockmap bool
+	// Inbound is how the tc programs attach to pod interfaces:
+	// InboundAuto (tcx where the kernel has it), InboundTCX or InboundTC.
+	Inbound string
 	// Logger may be nil.
 	Logger *zap.Logger
 }
@@ -55,6 +58,11 @@ type Datapath struct {
 	written map[uint64]*podKeys
 
 	counterNames []string
+
+	// inbound is the hook mode InboundAuto settled on (tcx until the
+	// kernel refuses it).
+	inboundMu sync.Mutex
+	inbound   string
 }
 
 // Link names, also their pin file names.
@@ -364,10 +372,12 @@ func (d *Datapath) Close() error {
 // every pin, then closes. Connections already redirected keep working; new
 // ones take the normal path.
 func (d *Datapath) Uninstall() error {
-	errs := detach(d.links)
+	errs := detach(d.links, func() error { return emptyMap(d.objs.MeshlanePodips) })
 	d.links = map[string]link.Link{}
+	errs = append(errs, d.removeLegacyInbound())
 	errs = append(errs, d.Close())
-	errs = append(errs, os.RemoveAll(d.opts.mapsDir()), os.RemoveAll(d.opts.linksDir()))
+	errs = append(errs, os.RemoveAll(d.opts.mapsDir()), os.RemoveAll(d.opts.linksDir()),
+		os.RemoveAll(inboundRoot(d.opts.BPFFS)))
 	if err := os.Remove(d.opts.BPFFS); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}
@@ -389,8 +399,10 @@ var redirectLinks = []string{linkConnect4, linkConnect6, linkSendmsg4, linkSendm
 const DetachGrace = time.Second
 
 // detach unpins and closes links (which detaches them): first the hooks
-// that start redirections, then, after DetachGrace, the rest.
-func detach(links map[string]link.Link) []error {
+// that start redirections, and stopNewFlows, which keeps the tc programs
+// from starting any (they stay, and so do their flows, until the caller
+// removes them); then, after DetachGrace, the rest.
+func detach(links map[string]link.Link, stopNewFlows func() error) []error {
 	var errs []error
 	drop := func(name string, l link.Link) {
 		if err := l.Unpin(); err != nil {
@@ -407,6 +419,9 @@ func detach(links map[string]link.Link) []error {
 			drop(name, l)
 			stopped = true
 		}
+	}
+	if err := stopNewFlows(); err != nil {
+		errs = append(errs, fmt.Errorf("stop the tc programs' new redirects: %w", err))
 	}
 	if stopped && len(links) > 0 {
 		time.Sleep(DetachGrace)
@@ -436,8 +451,9 @@ func RemovePins(bpffs string) error {
 		}
 		links[filepath.Base(pin)] = l
 	}
-	errs = append(errs, detach(links)...)
-	errs = append(errs, os.RemoveAll(filepath.Join(bpffs, "links")))
+	errs = append(errs, detach(links, func() error { return emptyPinnedPodIPs(bpffs) })...)
+	errs = append(errs, removePinnedLegacyInbound(bpffs))
+	errs = append(errs, os.RemoveAll(filepath.Join(bpffs, "links")), os.RemoveAll(inboundRoot(bpffs)))
 	maps, err := filepath.Glob(filepath.Join(bpffs, "maps-v*"))
 	if err != nil {
 		return err

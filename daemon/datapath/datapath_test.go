@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -207,10 +208,11 @@ func TestLoadErrors(t *testing.T) {
 }
 
 // layoutGolden is the digest of every map's key and value types in
-// bpf/meshlane.c at datapath.LayoutVersion. When this test fails, a map
+// bpf/meshlane.c at datapath.LayoutVersion, and of the counter array's
+// size, which the counter enum sets. When this test fails, a map
 // layout changed: bump LayoutVersion (so pins of the old layout are never
 // reused) and update both.
-const layoutGolden = "6e80d430e4a7d923"
+const layoutGolden = "ce848ba13ec518a7"
 
 func TestLayoutVersion(t *testing.T) {
 	spec, err := bpf.LoadMeshlane()
@@ -218,12 +220,19 @@ func TestLayoutVersion(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := sha256.New()
-	for _, name := range []string{"meshlane_pods", "meshlane_podips", "meshlane_ports", "meshlane_cidrs", "meshlane_origdst", "meshlane_sks", "meshlane_sockh", "meshlane_cnt"} {
-		m := spec.Maps[name]
-		if m == nil {
-			t.Fatalf("map %s missing", name)
+	var names []string
+	for name := range spec.Maps {
+		if strings.HasPrefix(name, "meshlane_") {
+			names = append(names, name)
 		}
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		m := spec.Maps[name]
 		h.Write([]byte(name + m.Type.String()))
+		if name == "meshlane_cnt" {
+			fmt.Fprint(h, m.MaxEntries)
+		}
 		for _, typ := range []btf.Type{m.Key, m.Value} {
 			if typ == nil {
 				continue
@@ -232,8 +241,8 @@ func TestLayoutVersion(t *testing.T) {
 		}
 	}
 	sum := hex.EncodeToString(h.Sum(nil))[:16]
-	if sum != layoutGolden || datapath.LayoutVersion != 2 {
-		t.Fatalf("map layout digest %s at LayoutVersion %d; golden %s at 2: a layout changed, bump LayoutVersion and update layoutGolden", sum, datapath.LayoutVersion, layoutGolden)
+	if sum != layoutGolden || datapath.LayoutVersion != 3 {
+		t.Fatalf("map layout digest %s at LayoutVersion %d; golden %s at 3: a layout changed, bump LayoutVersion and update layoutGolden", sum, datapath.LayoutVersion, layoutGolden)
 	}
 }
 

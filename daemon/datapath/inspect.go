@@ -44,8 +44,10 @@ type Info struct {
 	BPFFS      string
 	MapsDir    string
 	Sockmap    bool
-	Links      []LinkInfo
-	Features   []Feature
+	// Inbound is how the tc programs sit on pod interfaces: tcx or tc.
+	Inbound  string
+	Links    []LinkInfo
+	Features []Feature
 }
 
 // Info reports where the datapath is attached and pinned, the ids of its
@@ -56,6 +58,7 @@ func (d *Datapath) Info() Info {
 		BPFFS:      d.opts.BPFFS,
 		MapsDir:    d.opts.mapsDir(),
 		Sockmap:    d.opts.Sockmap,
+		Inbound:    d.InboundMode(),
 	}
 	for _, name := range []string{linkConnect4, linkConnect6, linkSendmsg4, linkSendmsg6, linkRecvmsg4, linkRecvmsg6, linkSockops, linkGetsockopt, linkSkMsg} {
 		l, ok := d.links[name]
@@ -86,6 +89,10 @@ func (d *Datapath) Info() Info {
 		}
 		info.Features = append(info.Features, f)
 	}
+	info.Features = append(info.Features, Feature{
+		Name: "tcx links for the inbound tc programs (Linux >= 6.6)", Available: info.Inbound == InboundTCX,
+		Detail: "without them classic tc filters carry the same programs; they cannot be pinned, and uninstall finds them by walking the network namespaces",
+	})
 	f := Feature{Name: "connections view (socket storage iterator, Linux >= 5.9 with BTF)", Available: true, Detail: "meshlanectl conns works"}
 	if err := connsSupported(); err != nil {
 		f.Available, f.Detail = false, err.Error()

@@ -10,6 +10,10 @@ type Pod struct {
 	NetnsCookie uint64
 	// IPs are the pod's addresses (IPv4 and/or IPv6).
 	IPs []netip.Addr
+	// Interface is where the tc programs go that send connections from
+	// outside the node to the inbound listener. Without it (zero value),
+	// only the connect hooks redirect.
+	Interface PodInterface
 
 	// ProxyUID and ProxyGID identify the sidecar's own processes: their
 	// connections are never sent to the pod's outbound listener.

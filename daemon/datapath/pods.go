@@ -152,20 +152,38 @@ func (p Pod) value() bpf.MeshlaneMlPod {
 	return v
 }
 
-// UpsertPod writes a meshed pod, or replaces what was written for it. Rules
-// are written before the pod's own entry and stale rules removed after it,
-// so a concurrent connect() sees either the old settings or the new ones,
-// never a pod without its exclusions. A full map is an error naming it.
-func (d *Datapath) UpsertPod(p Pod) (err error) {
+// UpsertPod writes a meshed pod, or replaces what was written for it, then
+// attaches the tc programs to its interface (which read the maps, so they
+// come second). Rules are written before the pod's own entry and stale
+// rules removed after it, so a concurrent connect() sees either the old
+// settings or the new ones, never a pod without its exclusions. A full map
+// is an error naming it. A new pod whose hooks cannot be attached is taken
+// out of the maps again: half a pod would send the node's own connections
+// through the sidecar and other nodes' around it.
+func (d *Datapath) UpsertPod(p Pod) error {
 	if err := p.validate(); err != nil {
 		return err
 	}
+	isNew, err := d.upsertMaps(p)
+	if err != nil {
+		return err
+	}
+	if err := d.attachInbound(p); err != nil {
+		if isNew {
+			err = errors.Join(err, d.DeletePod(p))
+		}
+		return err
+	}
+	return nil
+}
+
+func (d *Datapath) upsertMaps(p Pod) (isNew bool, err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 
 	old := d.written[p.NetnsCookie]
 	if old == nil {
-		old = newPodKeys()
+		old, isNew = newPodKeys(), true
 	}
 	want := p.keys()
 	defer func() {
@@ -177,29 +195,32 @@ func (d *Datapath) UpsertPod(p Pod) (err error) {
 	}()
 	for k, f := range p.portFlags() {
 		if err := d.objs.MeshlanePorts.Update(k, f, ebpf.UpdateAny); err != nil {
-			return mapErr("meshlane_ports", err)
+			return isNew, mapErr("meshlane_ports", err)
 		}
 	}
 	for k := range want.cidrs {
 		if err := d.objs.MeshlaneCidrs.Update(k, uint32(1), ebpf.UpdateAny); err != nil {
-			return mapErr("meshlane_cidrs", err)
+			return isNew, mapErr("meshlane_cidrs", err)
 		}
 	}
 	for k := range want.ips {
 		if err := d.objs.MeshlanePodips.Update(k, p.NetnsCookie, ebpf.UpdateAny); err != nil {
-			return mapErr("meshlane_podips", err)
+			return isNew, mapErr("meshlane_podips", err)
 		}
 	}
 	if err := d.objs.MeshlanePods.Update(p.NetnsCookie, p.value(), ebpf.UpdateAny); err != nil {
-		return mapErr("meshlane_pods", err)
+		return isNew, mapErr("meshlane_pods", err)
 	}
 	d.written[p.NetnsCookie] = want
-	return d.deleteStale(p.NetnsCookie, old, want)
+	return isNew, d.deleteStale(p.NetnsCookie, old, want)
 }
 
-// DeletePod removes every entry of the pod. Deleting a pod that is not
-// there is not an error: DEL must be idempotent.
+// DeletePod removes the pod's tc programs, then every map entry of the pod.
+// Deleting a pod that is not there is not an error: DEL must be idempotent.
 func (d *Datapath) DeletePod(p Pod) error {
+	if err := d.detachInbound(p); err != nil {
+		return err
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 

@@ -80,15 +80,17 @@ type Settings struct {
 	ProxyLoopbackInbound bool
 }
 
-// Pod returns the datapath's view of the pod with network namespace cookie
-// and addresses ips. It copies every slice, so the result may be kept and
-// changed independently of s and ips; ips are sorted and deduplicated.
-func (s Settings) Pod(cookie uint64, ips []netip.Addr) datapath.Pod {
+// Pod returns the datapath's view of the pod with network namespace cookie,
+// addresses ips and interface ifc (where its inbound tc programs go; the
+// zero value for none). It copies every slice, so the result may be kept
+// and changed independently of s and ips; ips are sorted and deduplicated.
+func (s Settings) Pod(cookie uint64, ips []netip.Addr, ifc datapath.PodInterface) datapath.Pod {
 	addrs := slices.Clone(ips)
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	return datapath.Pod{
 		NetnsCookie:          cookie,
 		IPs:                  slices.Compact(addrs),
+		Interface:            ifc,
 		ProxyUID:             s.ProxyUID,
 		ProxyGID:             s.ProxyGID,
 		OutboundPort:         s.OutboundPort,

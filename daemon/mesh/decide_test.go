@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/meshlane/meshlane/daemon/datapath"
 )
 
 var istioProxyPorts = ports(15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090)
@@ -523,7 +525,7 @@ func TestSettingsPodFillsEveryField(t *testing.T) {
 	}
 	ip4, ip6 := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("fd00::5")
 	ips := []netip.Addr{ip6, ip4, ip6}
-	pod := s.Pod(42, ips)
+	pod := s.Pod(42, ips, datapath.PodInterface{Netns: "/run/netns/x", Name: "eth0"})
 
 	v := reflect.ValueOf(pod)
 	for i := range v.NumField() {
@@ -585,7 +587,7 @@ func TestIstioDNSCapture(t *testing.T) {
 			t.Errorf("%q: %v", c.value, err)
 			continue
 		}
-		pod := d.Settings.Pod(1, nil)
+		pod := d.Settings.Pod(1, nil, datapath.PodInterface{})
 		if pod.DNSCapture != c.capture || (c.capture && pod.DNSPort != 15053) {
 			t.Errorf("%q: capture %v port %d, want %v", c.value, pod.DNSCapture, pod.DNSPort, c.capture)
 		}

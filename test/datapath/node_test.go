@@ -55,6 +55,8 @@ type node struct {
 	br    *testenv.Bridge
 	bin   string
 	n     int
+	// inbound is the tc hook mode the datapath loads with.
+	inbound string
 }
 
 // nodes numbers the nodes of this test binary: bridge names must differ.
@@ -62,8 +64,14 @@ var nodes int
 
 func newNode(t *testing.T, sockmap bool) *node {
 	t.Helper()
+	return newNodeInbound(t, sockmap, datapath.InboundAuto)
+}
+
+// newNodeInbound is newNode with the tc hooks attached in the given mode.
+func newNodeInbound(t *testing.T, sockmap bool, inbound string) *node {
+	t.Helper()
 	testenv.RequireRoot(t)
-	n := &node{t: t, cg: testenv.TempCgroup(t), bpffs: filepath.Join(testenv.BPFFS(t), "meshlane")}
+	n := &node{t: t, cg: testenv.TempCgroup(t), bpffs: filepath.Join(testenv.BPFFS(t), "meshlane"), inbound: inbound}
 	reloadNode(t, n, sockmap)
 	t.Cleanup(func() {
 		if err := n.dp.Uninstall(); err != nil {
@@ -84,7 +92,7 @@ func newNode(t *testing.T, sockmap bool) *node {
 // start (or restart, when the node's previous datapath was closed) does.
 func reloadNode(t *testing.T, n *node, sockmap bool) {
 	t.Helper()
-	dp, err := datapath.Load(datapath.Options{BPFFS: n.bpffs, CgroupPath: n.cg.Path, Sockmap: sockmap})
+	dp, err := datapath.Load(datapath.Options{BPFFS: n.bpffs, CgroupPath: n.cg.Path, Sockmap: sockmap, Inbound: n.inbound})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,8 +118,21 @@ func podIPs(p *testenv.Pod) []netip.Addr {
 }
 
 // mesh marks a pod as injected by prof's mesh with extra annotations and
-// writes it into the datapath, as the agent does at CNI ADD.
+// writes it into the datapath, as the agent does at CNI ADD, but without
+// the tc hooks on its interface (see meshInbound).
 func (n *node) mesh(p *testenv.Pod, prof mesh.Profile, ann map[string]string) datapath.Pod {
+	n.t.Helper()
+	return n.meshPod(p, prof, ann, datapath.PodInterface{})
+}
+
+// meshInbound is mesh with the tc hooks on the pod's eth0, as the agent
+// writes every meshed pod.
+func (n *node) meshInbound(p *testenv.Pod, prof mesh.Profile, ann map[string]string) datapath.Pod {
+	n.t.Helper()
+	return n.meshPod(p, prof, ann, datapath.PodInterface{Netns: p.NetnsPath, Name: "eth0"})
+}
+
+func (n *node) meshPod(p *testenv.Pod, prof mesh.Profile, ann map[string]string, ifc datapath.PodInterface) datapath.Pod {
 	n.t.Helper()
 	all := map[string]string{prof.Marker: "{}"}
 	for k, v := range ann {
@@ -124,7 +145,7 @@ func (n *node) mesh(p *testenv.Pod, prof mesh.Profile, ann map[string]string) da
 	if d.Membership != mesh.Meshed {
 		n.t.Fatalf("pod %s: decided %v, want meshed", p.Name, d.Membership)
 	}
-	dp := d.Settings.Pod(p.NetnsCookie, podIPs(p))
+	dp := d.Settings.Pod(p.NetnsCookie, podIPs(p), ifc)
 	if err := n.dp.UpsertPod(dp); err != nil {
 		n.t.Fatal(err)
 	}
@@ -171,6 +192,9 @@ type where struct {
 	uid, gid uint32
 	// outside: a host process outside the test cgroup.
 	outside bool
+	// cg, when set, replaces the node's cgroup: a pod process that no
+	// connect hook sees, as on another node.
+	cg *testenv.Cgroup
 }
 
 func app(p *testenv.Pod) where { return where{pod: p, uid: appUID, gid: appUID} }
@@ -206,6 +230,9 @@ func (n *node) tryClientWithin(limit time.Duration, w where, to string, args ...
 	defer out.Close()
 	opts := testenv.ProcOpts{UID: w.uid, GID: w.gid, Cgroup: n.cg, Stdout: out,
 		Args: append([]string{n.bin, "client", "--to", to, "--timeout", "5s"}, args...)}
+	if w.cg != nil {
+		opts.Cgroup = w.cg
+	}
 	var proc *testenv.Proc
 	switch {
 	case w.pod != nil:

@@ -1,0 +1,489 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Inbound hook modes: how the tc programs sit on a pod's interface.
+const (
+	// InboundAuto uses tcx where the kernel has it (6.6) and tc otherwise.
+	InboundAuto = ""
+	// InboundTCX attaches with tcx bpf links, pinned per pod so they
+	// outlive the agent and take new programs in place.
+	InboundTCX = "tcx"
+	// InboundTC attaches classic tc filters on a clsact qdisc; they live as
+	// long as the interface.
+	InboundTC = "tc"
+)
+
+// PodInterface is the pod's interface as the CNI plugin reported it: the
+// path of its network namespace and its name there.
+type PodInterface struct {
+	Netns string
+	Name  string
+}
+
+// tcFilterPrio and tcFilterHandle name meshlane's classic tc filters, so a
+// re-attach replaces them and a detach finds them among other filters.
+const (
+	tcFilterPrio   = 0xc1a0
+	tcFilterHandle = 0x1
+)
+
+// inboundRoot holds one directory of pinned tcx links per pod; removing
+// it detaches them all.
+func inboundRoot(bpffs string) string { return filepath.Join(bpffs, "inbound") }
+
+func (o Options) inboundDir(cookie uint64) string {
+	return filepath.Join(inboundRoot(o.BPFFS), strconv.FormatUint(cookie, 10))
+}
+
+type hook struct {
+	name string // pin file name
+	prog *ebpf.Program
+	tcx  ebpf.AttachType
+	// parent is the clsact side of the classic filter.
+	parent uint32
+}
+
+func (d *Datapath) hooks() []hook {
+	return []hook{
+		{"ingress", d.objs.MeshlaneTcIngress, ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS},
+		{"egress", d.objs.MeshlaneTcEgress, ebpf.AttachTCXEgress, netlink.HANDLE_MIN_EGRESS},
+	}
+}
+
+// attachInbound puts the tc programs on the pod's interface, or swaps this
+// datapath's programs into the ones already there (restart, upgrade).
+// Without them a connection from another node reaches the app's port and
+// skips the sidecar.
+func (d *Datapath) attachInbound(p Pod) error {
+	if p.Interface.Name == "" {
+		return nil
+	}
+	mode, err := d.inboundMode()
+	if err != nil {
+		return err
+	}
+	if mode == InboundTC {
+		return d.attachTC(p)
+	}
+	err = d.attachTCX(p)
+	if errors.Is(err, ebpf.ErrNotSupported) && d.opts.Inbound == InboundAuto {
+		d.setInboundMode(InboundTC)
+		return d.attachTC(p)
+	}
+	return err
+}
+
+func (d *Datapath) inboundMode() (string, error) {
+	d.inboundMu.Lock()
+	defer d.inboundMu.Unlock()
+	switch d.opts.Inbound {
+	case InboundAuto:
+		if d.inbound == "" {
+			return InboundTCX, nil
+		}
+		return d.inbound, nil
+	case InboundTCX, InboundTC:
+		return d.opts.Inbound, nil
+	}
+	return "", fmt.Errorf("datapath: unknown inbound hook mode %q: use %q, %q or empty for automatic", d.opts.Inbound, InboundTCX, InboundTC)
+}
+
+func (d *Datapath) setInboundMode(m string) {
+	d.inboundMu.Lock()
+	defer d.inboundMu.Unlock()
+	if d.inbound != m {
+		d.opts.Logger.Info("inbound hooks: this kernel has no tcx; using classic tc filters")
+	}
+	d.inbound = m
+}
+
+// InboundMode is the hook mode in use: tcx or tc.
+func (d *Datapath) InboundMode() string {
+	m, err := d.inboundMode()
+	if err != nil {
+		return d.opts.Inbound
+	}
+	return m
+}
+
+func (d *Datapath) attachTCX(p Pod) error {
+	dir := d.opts.inboundDir(p.NetnsCookie)
+	var missing []hook
+	for _, h := range d.hooks() {
+		pin := filepath.Join(dir, h.name)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			missing = append(missing, h)
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("datapath: open pinned %s hook of pod %d at %s: %w (remove it to re-attach)", h.name, p.NetnsCookie, pin, err)
+		}
+		if err := l.Update(h.prog); err != nil {
+			// The interface went away under the link: attach anew, which
+			// fails clearly if the netns is gone too.
+			if err := l.Unpin(); err != nil {
+				l.Close()
+				return fmt.Errorf("datapath: unpin defunct %s hook of pod %d: %w", h.name, p.NetnsCookie, err)
+			}
+			missing = append(missing, h)
+		}
+		l.Close()
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("datapath: create pin directory %s: %w", dir, err)
+	}
+	err := inNetns(p.Interface, func(ifindex int) error {
+		for _, h := range missing {
+			l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: h.prog, Attach: h.tcx})
+			if err != nil {
+				return fmt.Errorf("datapath: attach tcx %s to %s: %w", h.name, p.Interface.Name, err)
+			}
+			err = l.Pin(filepath.Join(dir, h.name))
+			if cerr := l.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return fmt.Errorf("datapath: pin tcx %s hook of pod %d: %w", h.name, p.NetnsCookie, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		// Never one direction without the other: an ingress rewrite
+		// whose replies keep the listener's port breaks the connection.
+		return errors.Join(err, os.RemoveAll(dir))
+	}
+	return nil
+}
+
+// inNetns runs fn inside the pod's network namespace with the interface's
+// index there: a tcx attach resolves the index in the caller's namespace.
+func inNetns(ifc PodInterface, fn func(ifindex int) error) error {
+	err := ns.WithNetNSPath(ifc.Netns, func(ns.NetNS) error {
+		i, err := net.InterfaceByName(ifc.Name)
+		if err != nil {
+			return fmt.Errorf("datapath: pod interface %s: %w", ifc.Name, err)
+		}
+		return fn(i.Index)
+	})
+	var nsErr ns.NSPathNotExistErr
+	if errors.As(err, &nsErr) {
+		return fmt.Errorf("datapath: pod netns %s is gone: %w", ifc.Netns, err)
+	}
+	return err
+}
+
+// tcHandle is a netlink handle inside the pod's network namespace.
+func tcHandle(ifc PodInterface) (*netlink.Handle, netlink.Link, error) {
+	nsh, err := netns.GetFromPath(ifc.Netns)
+	if err != nil {
+		return nil, nil, fmt.Errorf("datapath: open pod netns %s: %w", ifc.Netns, err)
+	}
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		return nil, nil, fmt.Errorf("datapath: netlink in pod netns %s: %w", ifc.Netns, err)
+	}
+	l, err := h.LinkByName(ifc.Name)
+	if err != nil {
+		h.Close()
+		return nil, nil, fmt.Errorf("datapath: pod interface %s: %w", ifc.Name, err)
+	}
+	return h, l, nil
+}
+
+func (d *Datapath) attachTC(p Pod) error {
+	h, l, err := tcHandle(p.Interface)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	idx := l.Attrs().Index
+	qdisc := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: idx, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
+		QdiscType:  "clsact",
+	}
+	if err := h.QdiscReplace(qdisc); err != nil {
+		return fmt.Errorf("datapath: add clsact qdisc on %s: %w", p.Interface.Name, err)
+	}
+	for _, hk := range d.hooks() {
+		f := tcFilter(idx, hk)
+		f.Fd, f.Name, f.DirectAction = hk.prog.FD(), "meshlane_"+hk.name, true
+		if err := h.FilterReplace(f); err != nil {
+			// Never one direction without the other.
+			return errors.Join(fmt.Errorf("datapath: add tc %s filter on %s: %w", hk.name, p.Interface.Name, err),
+				d.removeTCFilters(h, idx, p.Interface.Name))
+		}
+	}
+	return nil
+}
+
+func tcFilter(ifindex int, hk hook) *netlink.BpfFilter {
+	return &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{
+		LinkIndex: ifindex, Parent: hk.parent, Handle: tcFilterHandle,
+		Priority: tcFilterPrio, Protocol: unix.ETH_P_ALL,
+	}}
+}
+
+func (d *Datapath) removeTCFilters(h *netlink.Handle, ifindex int, ifname string) error {
+	var errs []error
+	for _, hk := range d.hooks() {
+		if err := h.FilterDel(tcFilter(ifindex, hk)); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("datapath: remove tc %s filter on %s: %w", hk.name, ifname, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// detachInbound removes the pod's tc programs: its pinned tcx links (the
+// kernel detaches a link once its last pin and handle are gone) or its
+// classic filters while the interface still exists. A pod whose netns is
+// gone has lost its interface and its hooks with it.
+func (d *Datapath) detachInbound(p Pod) error {
+	err := os.RemoveAll(d.opts.inboundDir(p.NetnsCookie))
+	if err != nil {
+		err = fmt.Errorf("datapath: remove the inbound hooks of pod %d: %w", p.NetnsCookie, err)
+	}
+	if p.Interface.Name == "" || d.InboundMode() != InboundTC {
+		return err
+	}
+	h, l, herr := tcHandle(p.Interface)
+	if herr != nil {
+		return err // the netns or the interface is gone, and the filters with it
+	}
+	defer h.Close()
+	return errors.Join(err, d.removeTCFilters(h, l.Attrs().Index, p.Interface.Name))
+}
+
+// removeLegacyInbound removes the classic tc filters of this datapath from
+// every network namespace on the node. Unlike tcx links they have no pin to
+// remove, and a filter left behind would keep its programs, and with them
+// the unpinned maps, rewriting connections that no sockops adopts any more.
+func (d *Datapath) removeLegacyInbound() error {
+	info, err := d.objs.MeshlaneFlows.Info()
+	if err != nil {
+		return fmt.Errorf("datapath: read meshlane_flows info: %w", err)
+	}
+	id, _ := info.ID()
+	return removeTCFiltersUsing(id)
+}
+
+// removeTCFiltersUsing deletes meshlane's classic tc filters whose program
+// uses the map with this id, so another meshlane datapath on the same
+// kernel (a test's, another bpffs) keeps its own. Network namespaces are
+// found where runtimes bind-mount them and through every process.
+func removeTCFiltersUsing(flowsID ebpf.MapID) error {
+	var errs []error
+	seen := map[uint64]bool{}
+	paths, _ := filepath.Glob("/run/netns/*")
+	more, _ := filepath.Glob("/var/run/netns/*")
+	procs, _ := filepath.Glob("/proc/[0-9]*/ns/net")
+	for _, path := range append(append(paths, more...), procs...) {
+		var st unix.Stat_t
+		if unix.Stat(path, &st) != nil || seen[st.Ino] {
+			continue
+		}
+		seen[st.Ino] = true
+		if err := removeTCFiltersIn(path, flowsID); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func removeTCFiltersIn(path string, flowsID ebpf.MapID) error {
+	nsh, err := netns.GetFromPath(path)
+	if err != nil {
+		return nil // the namespace went away meanwhile
+	}
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		return nil
+	}
+	defer h.Close()
+	links, err := h.LinkList()
+	if err != nil {
+		return nil
+	}
+	var errs []error
+	for _, l := range links {
+		for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+			filters, err := h.FilterList(l, parent)
+			if err != nil {
+				continue // no clsact qdisc
+			}
+			for _, f := range filters {
+				bf, ok := f.(*netlink.BpfFilter)
+				if !ok || bf.Priority != tcFilterPrio || !usesMap(bf.Id, flowsID) {
+					continue
+				}
+				if err := h.FilterDel(bf); err != nil && !errors.Is(err, unix.ENOENT) {
+					errs = append(errs, fmt.Errorf("datapath: remove tc filter on %s in %s: %w", l.Attrs().Name, path, err))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func usesMap(progID int, mapID ebpf.MapID) bool {
+	prog, err := ebpf.NewProgramFromID(ebpf.ProgramID(progID))
+	if err != nil {
+		return false
+	}
+	defer prog.Close()
+	info, err := prog.Info()
+	if err != nil {
+		return false
+	}
+	ids, _ := info.MapIDs()
+	for _, id := range ids {
+		if id == mapID {
+			return true
+		}
+	}
+	return false
+}
+
+// removePinnedLegacyInbound is removeLegacyInbound for a datapath that is
+// only pinned, found by its pinned flows map.
+func removePinnedLegacyInbound(bpffs string) error {
+	pins, err := filepath.Glob(filepath.Join(bpffs, "maps-v*", "meshlane_flows"))
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, pin := range pins {
+		m, err := ebpf.LoadPinnedMap(pin, nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("datapath: open pinned map %s: %w", pin, err))
+			continue
+		}
+		info, err := m.Info()
+		m.Close()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("datapath: read map info of %s: %w", pin, err))
+			continue
+		}
+		id, _ := info.ID()
+		errs = append(errs, removeTCFiltersUsing(id))
+	}
+	return errors.Join(errs...)
+}
+
+// InboundHooks checks that the pod's tc programs are in place: both pinned
+// tcx links attached to an interface, or both classic filters on it. The
+// error says what is missing.
+func (d *Datapath) InboundHooks(p Pod) error {
+	if p.Interface.Name == "" {
+		return errors.New("no pod interface recorded: connections from other nodes are not redirected")
+	}
+	if d.InboundMode() == InboundTC {
+		return d.tcFiltersPresent(p)
+	}
+	for _, h := range d.hooks() {
+		pin := filepath.Join(d.opts.inboundDir(p.NetnsCookie), h.name)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			return fmt.Errorf("tcx %s link of %s: %w", h.name, p.Interface.Name, err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("tcx %s link of %s: %w", h.name, p.Interface.Name, err)
+		}
+		if tcx := info.TCX(); tcx == nil || tcx.Ifindex == 0 {
+			return fmt.Errorf("tcx %s link of %s is pinned but attached to no interface", h.name, p.Interface.Name)
+		}
+	}
+	return nil
+}
+
+func (d *Datapath) tcFiltersPresent(p Pod) error {
+	info, err := d.objs.MeshlaneFlows.Info()
+	if err != nil {
+		return err
+	}
+	flowsID, _ := info.ID()
+	h, l, err := tcHandle(p.Interface)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	for _, hk := range d.hooks() {
+		filters, err := h.FilterList(l, hk.parent)
+		if err != nil {
+			return fmt.Errorf("tc %s filters of %s: %w", hk.name, p.Interface.Name, err)
+		}
+		if !slices.ContainsFunc(filters, func(f netlink.Filter) bool {
+			bf, ok := f.(*netlink.BpfFilter)
+			return ok && bf.Priority == tcFilterPrio && usesMap(bf.Id, flowsID)
+		}) {
+			return fmt.Errorf("no meshlane tc %s filter on %s", hk.name, p.Interface.Name)
+		}
+	}
+	return nil
+}
+
+// emptyMap deletes every key of m. An uninstall empties meshlane_podips
+// this way before the grace period: the tc programs find no pod for a new
+// connection and leave it alone, while flows they already rewrite go on
+// until the hooks are removed after it (the connect hooks are gone by
+// then, and nothing else reads the map but the short-circuit).
+func emptyMap(m *ebpf.Map) error {
+	key := make([]byte, m.KeySize())
+	var keys [][]byte
+	it := m.Iterate()
+	val := make([]byte, m.ValueSize())
+	for it.Next(&key, &val) {
+		keys = append(keys, slices.Clone(key))
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+func emptyPinnedPodIPs(bpffs string) error {
+	pins, err := filepath.Glob(filepath.Join(bpffs, "maps-v*", "meshlane_podips"))
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, pin := range pins {
+		m, err := ebpf.LoadPinnedMap(pin, nil)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		errs = append(errs, emptyMap(m))
+		m.Close()
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,213 @@
+package datapath_test
+
+import (
+	"fmt"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/meshlane/meshlane/daemon/datapath"
+	"github.com/meshlane/meshlane/daemon/mesh"
+	"github.com/meshlane/meshlane/test/podbin/wire"
+	"github.com/meshlane/meshlane/test/testenv"
+)
+
+// probePort is the sidecar's health port the mesh's injector points the
+// kubelet's probes at; it is among the profile's excluded proxy ports.
+func probePort(prof mesh.Profile) int {
+	if prof.Name == mesh.Linkerd.Name {
+		return 4191
+	}
+	return 15021
+}
+
+// inboundTopology: meshed pod B with the tc hooks on its eth0; meshed pod
+// A on the same node; pod R plays a pod of another node: its processes run
+// in a cgroup nothing is attached to, so no connect hook sees them, and its
+// packets reach B's interface from the bridge as a remote node's would.
+type inboundTopology struct {
+	n            *node
+	prof         mesh.Profile
+	a, b, r      *testenv.Pod
+	remoteCg     *testenv.Cgroup
+	sideA, sideB string
+}
+
+func newInboundTopology(t *testing.T, prof mesh.Profile, mode string) *inboundTopology {
+	n := newNodeInbound(t, false, mode)
+	tp := &inboundTopology{n: n, prof: prof, a: n.pod("a"), b: n.pod("b"), r: n.pod("r"), remoteCg: testenv.TempCgroup(t)}
+	var annB map[string]string
+	switch prof.Name {
+	case mesh.Istio.Name:
+		annB = map[string]string{"traffic.sidecar.istio.io/excludeInboundPorts": fmt.Sprint(excludedIn)}
+	case mesh.Linkerd.Name:
+		annB = map[string]string{"config.linkerd.io/skip-inbound-ports": fmt.Sprint(excludedIn)}
+	}
+	n.meshInbound(tp.a, prof, nil)
+	n.meshInbound(tp.b, prof, annB)
+	tp.sideA = n.sidecar(tp.a, prof)
+	tp.sideB = n.sidecar(tp.b, prof)
+	n.server(tp.b, "b", appPort, excludedIn, probePort(prof))
+	return tp
+}
+
+func (tp *inboundTopology) remote() where {
+	return where{pod: tp.r, uid: appUID, gid: appUID, cg: tp.remoteCg}
+}
+
+// TestInboundFromOtherNodes: connections that no connect hook saw reach a
+// meshed pod's inbound sidecar with the right original destination, in
+// both hook modes, both meshes and both families; excluded and probe ports
+// are left alone; and the node's own redirected connections are never
+// rewritten a second time by tc.
+func TestInboundFromOtherNodes(t *testing.T) {
+	for _, mode := range []string{datapath.InboundTCX, datapath.InboundTC} {
+		for _, prof := range []mesh.Profile{mesh.Istio, mesh.Linkerd} {
+			t.Run(mode+"/"+prof.Name, func(t *testing.T) {
+				tp := newInboundTopology(t, prof, mode)
+				if got := tp.n.dp.InboundMode(); got != mode {
+					t.Fatalf("inbound mode %q, want %q", got, mode)
+				}
+				for _, fam := range []string{"v4", "v6"} {
+					t.Run(fam, func(t *testing.T) { tp.check(t, fam) })
+				}
+			})
+		}
+	}
+}
+
+func (tp *inboundTopology) check(t *testing.T, fam string) {
+	n := tp.n
+	bIP, rIP := families(tp.b)[fam], families(tp.r)[fam]
+	want := hostPort(bIP, appPort)
+
+	remoteRedirects := func(t *testing.T, before map[string]uint64, wantN uint64) {
+		t.Helper()
+		if got := n.counters()["redirect_inbound_remote"] - before["redirect_inbound_remote"]; got != wantN {
+			t.Fatalf("tc redirected %d connections, want %d", got, wantN)
+		}
+	}
+	oneInbound := func(t *testing.T, seen int) {
+		t.Helper()
+		ev := newEvents(t, tp.sideB, seen)
+		if len(ev) != 1 || ev[0].Listener != wire.ListenerInbound || ev[0].OrigDst != want {
+			t.Fatalf("sidecar B events %+v, want one inbound with origDst %s", ev, want)
+		}
+	}
+
+	t.Run("remote pod reaches the inbound sidecar", func(t *testing.T) {
+		seen, before := len(sidecarEvents(t, tp.sideB)), n.counters()
+		r := parseReply(t, n.client(tp.remote(), want)[0].Reply)
+		oneInbound(t, seen)
+		if r.name != "b" {
+			t.Fatalf("reply %+v, want b", r)
+		}
+		remoteRedirects(t, before, 1)
+	})
+
+	t.Run("host process outside the cgroup reaches the inbound sidecar", func(t *testing.T) {
+		seen, before := len(sidecarEvents(t, tp.sideB)), n.counters()
+		n.client(where{uid: appUID, gid: appUID, outside: true}, want)
+		oneInbound(t, seen)
+		remoteRedirects(t, before, 1)
+	})
+
+	// Redirected by a connect hook already: tc must leave them alone.
+	for _, c := range []struct {
+		name string
+		from where
+	}{{"same-node meshed pod", app(tp.a)}, {"host process in the cgroup", host()}} {
+		t.Run(c.name+" is redirected once, by its connect hook", func(t *testing.T) {
+			seen, before := len(sidecarEvents(t, tp.sideB)), n.counters()
+			n.client(c.from, want)
+			oneInbound(t, seen)
+			remoteRedirects(t, before, 0)
+		})
+	}
+
+	// The kubelet probes from the host, in or out of the attached cgroup.
+	gw := tp.n.br.Gateway4
+	if fam == "v6" {
+		gw = tp.n.br.Gateway6
+	}
+	callers := []struct {
+		name string
+		from where
+		ip   netip.Addr
+	}{
+		{"remote pod", tp.remote(), rIP},
+		{"host process in the cgroup", host(), gw},
+		{"host process outside the cgroup", where{uid: appUID, gid: appUID, outside: true}, gw},
+	}
+	for _, port := range []int{excludedIn, probePort(tp.prof)} {
+		for _, c := range callers {
+			t.Run(fmt.Sprintf("port %d from %s is not redirected", port, c.name), func(t *testing.T) {
+				seen, before := len(sidecarEvents(t, tp.sideB)), n.counters()
+				to := hostPort(bIP, port)
+				r := parseReply(t, n.client(c.from, to)[0].Reply)
+				if r.remote.Addr() != c.ip || r.local.String() != to {
+					t.Fatalf("server saw remote %s local %s, want a direct connection from %s to %s", r.remote, r.local, c.ip, to)
+				}
+				if ev := newEvents(t, tp.sideB, seen); len(ev) != 0 {
+					t.Fatalf("sidecar B saw %+v", ev)
+				}
+				remoteRedirects(t, before, 0)
+			})
+		}
+	}
+}
+
+// TestInboundShortConnectionsLeaveNoState: 10,000 short connections from
+// another node's pod through B's inbound sidecar, over IPv4 and IPv6, leave
+// no flow and no record behind.
+func TestInboundShortConnectionsLeaveNoState(t *testing.T) {
+	const total, clients = 10_000, 4
+	tp := newInboundTopology(t, mesh.Istio, datapath.InboundAuto)
+	n := tp.n
+	setSysctls(t, tp.r, map[string]string{
+		"net/ipv4/ip_local_port_range": "1024 65535",
+		"net/ipv4/tcp_tw_reuse":        "1",
+	})
+	before := n.counters()
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	for i := range clients {
+		to := hostPort(tp.b.IPv4, appPort)
+		if i%2 == 1 {
+			to = hostPort(tp.b.IPv6, appPort)
+		}
+		wg.Go(func() {
+			res, err := n.tryClientWithin(10*time.Minute, tp.remote(), to, "--count", fmt.Sprint(total/clients))
+			ok := 0
+			for _, r := range res {
+				if r.OK {
+					ok++
+				}
+			}
+			if err != nil || ok != total/clients {
+				errs <- fmt.Errorf("client to %s: %v, %d of %d ok", to, err, ok, total/clients)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	after := n.counters()
+	for _, c := range []string{"redirect_inbound_remote", "origdst_answered", "remote_flow_ended"} {
+		if got := after[c] - before[c]; got != total {
+			t.Errorf("%s went up by %d, want %d", c, got, total)
+		}
+	}
+	if got := after["remote_flow_failed"] + after["remote_rewrite_failed"]; got != 0 {
+		t.Errorf("remote_flow_failed + remote_rewrite_failed = %d", got)
+	}
+	for _, m := range []string{"meshlane_flows", "meshlane_origdst"} {
+		waitMapEmpty(t, n, m)
+	}
+	if ev := sidecarEvents(t, tp.sideB); len(ev) != total {
+		t.Errorf("sidecar B accepted %d connections, want %d", len(ev), total)
+	}
+}
