@@ -114,6 +114,7 @@ func renderStatus(w io.Writer, st api.Status) error {
 		fast = "on (sockops + sk_msg short-circuit between local sockets)"
 	}
 	fmt.Fprintf(tw, "Fast path:\t%s\n", fast)
+	fmt.Fprintf(tw, "From other nodes:\t%s programs on each meshed pod's interface\n", ds.Inbound)
 	if err := tw.Flush(); err != nil {
 		return err
 	}

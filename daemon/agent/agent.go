@@ -382,6 +382,12 @@ func (a *Agent) logPod(kind, msg string, rec PodRecord, start time.Time) {
 	})
 }
 
+// podInterface is where a meshed pod's tc programs go: the interface the
+// CNI plugin reported, in the pod's netns.
+func podInterface(ev api.PodEvent) datapath.PodInterface {
+	return datapath.PodInterface{Netns: ev.Netns, Name: ev.IfName}
+}
+
 func podName(ev api.PodEvent) string {
 	if ev.PodNamespace == "" && ev.PodName == "" {
 		return ""

@@ -116,6 +116,12 @@ func (a *Agent) checkMeshed(c *checker, rec PodRecord) {
 		c.pass("meshlane_ports", fmt.Sprintf("%d port rules as computed", portRules(want)))
 	}
 
+	if err := a.view.InboundHooks(want); err != nil {
+		c.fail("inbound tc hooks", err.Error()+": connections from other nodes reach the app without its sidecar", fixRestart)
+	} else {
+		c.pass("inbound tc hooks", fmt.Sprintf("ingress and egress programs on %s", want.Interface.Name))
+	}
+
 	var cidrs []string
 	cidrs = append(cidrs, listDiff("outbound include CIDR", masked(want.OutboundIncludeCIDRs), got.OutboundIncludeCIDRs)...)
 	cidrs = append(cidrs, listDiff("outbound exclude CIDR", masked(want.OutboundExcludeCIDRs), got.OutboundExcludeCIDRs)...)

@@ -31,6 +31,8 @@ type DatapathView interface {
 	ReadPod(netns uint64) (datapath.Pod, bool, error)
 	// PodIPOwner returns the netns cookie meshlane_podips maps ip to.
 	PodIPOwner(ip netip.Addr) (uint64, bool, error)
+	// InboundHooks says what is missing of the pod's tc programs.
+	InboundHooks(p datapath.Pod) error
 }
 
 // errNoView answers the datapath endpoints of an agent built without a
@@ -88,6 +90,7 @@ func (a *Agent) Status() api.Status {
 		BPFFS:   info.BPFFS,
 		MapsDir: info.MapsDir,
 		Sockmap: info.Sockmap,
+		Inbound: info.Inbound,
 	}
 	for _, l := range info.Links {
 		ds.Links = append(ds.Links, api.Link{Name: l.Name, LinkID: l.LinkID, ProgramID: l.ProgramID, Pin: l.Pin, Error: l.Error})

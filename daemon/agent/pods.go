@@ -101,7 +101,7 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 		if err := prepareNetns(ev.Netns, d.Profile, ips); err != nil {
 			return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("ADD %s: %w", ev.ContainerID, err))
 		}
-		pod := d.Settings.Pod(cookie, ips)
+		pod := d.Settings.Pod(cookie, ips, podInterface(ev))
 		e.rec.State = api.StateMeshed
 		e.rec.Pod = &pod
 	case mesh.NotMeshed:

@@ -185,6 +185,10 @@ func (a *Agent) restoreOne(rec PodRecord) error {
 		if rec.Pod == nil {
 			return fmt.Errorf("restore: meshed pod %s has no datapath entry in the state file: move the file away", rec.Event.ContainerID)
 		}
+		if rec.Pod.Interface.Name == "" {
+			// Recorded by an agent before the tc hooks: attach them now.
+			rec.Pod.Interface = podInterface(rec.Event)
+		}
 		if err := a.maps.UpsertPod(*rec.Pod); err != nil {
 			// Refusing to start would leave the whole node without an
 			// agent (and, fail closed, without new pods). The pod that

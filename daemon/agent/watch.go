@@ -106,7 +106,7 @@ func (a *Agent) promote(ctx context.Context, e *entry, d mesh.Decision) bool {
 		a.log.Warn("sidecar appeared but preparing its netns failed; retrying", zap.String("container_id", id), zap.Error(err))
 		return false
 	}
-	pod := d.Settings.Pod(cookie, ips)
+	pod := d.Settings.Pod(cookie, ips, podInterface(e.rec.Event))
 	if err := a.maps.UpsertPod(pod); err != nil {
 		a.log.Warn("sidecar appeared but writing the pod into the datapath maps failed; retrying",
 			zap.String("container_id", id), zap.Error(err))

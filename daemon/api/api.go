@@ -118,6 +118,7 @@ type PodStatus struct {
 type PodSettings struct {
 	NetnsCookie          uint64
 	IPs                  []netip.Addr
+	Interface            PodInterface
 	ProxyUID             uint32
 	ProxyGID             uint32
 	OutboundPort         uint16
@@ -133,6 +134,13 @@ type PodSettings struct {
 	DNSCapture           bool
 	DNSPort              uint16
 	ProxyLoopbackInbound bool
+}
+
+// PodInterface is where the pod's tc programs sit: the interface name the
+// CNI plugin reported, in the netns at path Netns.
+type PodInterface struct {
+	Netns string
+	Name  string
 }
 
 // Status answers GET /v1/status: what runs on this node and how full it is.
@@ -152,10 +160,13 @@ type Status struct {
 
 // DatapathStatus is the loaded datapath.
 type DatapathStatus struct {
-	Cgroup   string             `json:"cgroup"`
-	BPFFS    string             `json:"bpffs"`
-	MapsDir  string             `json:"mapsDir"`
-	Sockmap  bool               `json:"sockmap"`
+	Cgroup  string `json:"cgroup"`
+	BPFFS   string `json:"bpffs"`
+	MapsDir string `json:"mapsDir"`
+	Sockmap bool   `json:"sockmap"`
+	// Inbound is how the tc programs that redirect connections from other
+	// nodes sit on pod interfaces: "tcx" or "tc".
+	Inbound  string             `json:"inbound"`
 	Links    []Link             `json:"links"`
 	Features []Feature          `json:"features"`
 	Maps     map[string]MapFill `json:"maps,omitempty"`
