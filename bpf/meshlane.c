@@ -1174,7 +1174,10 @@ static __always_inline void remote_syn(struct __sk_buff *skb,
 	}
 	d.orig.addr = p->dst;
 	d.orig.port = p->dport;
-	if (decide_inbound(&d, *netns, pod) == V_PASS) {
+	/* To the inbound port already: a connect hook redirected it (or the
+	 * peer dialed it), and it was counted there. */
+	if (p->dport == pod->inbound_port ||
+	    decide_inbound(&d, *netns, pod) == V_PASS) {
 		/* A flow left by an earlier connection of the same peer
 		 * socket must not rewrite this one's replies. */
 		bpf_map_delete_elem(&meshlane_flows, k);
