@@ -207,6 +207,36 @@ func run(npods int, profileName string, sockmap bool, requests int, wait bool) e
 			fmt.Printf("    %s -> %-42s %d connections ok, 4 KiB echoed each\n", p.Name, to, requests)
 		}
 	}
+
+	// A pod plays another node: not meshed, its client in a cgroup with no
+	// programs, so no connect hook sees it; the tc programs on each meshed
+	// pod's eth0 send its connections to the inbound sidecar.
+	step("traffic from another node: a pod whose processes no connect hook sees connects to every app")
+	remoteCg, err := testenv.NewCgroup(mount, "meshlane-demo-remote")
+	if err != nil {
+		return err
+	}
+	td.add(remoteCg.Destroy)
+	remote, err := node.AddPod(ctx, "demo", "remote-node", nil)
+	if err != nil {
+		return fmt.Errorf("CNI ADD remote-node: %w", err)
+	}
+	td.add(func() error { return node.DelPod(context.Background(), remote) })
+	for _, p := range pods {
+		for _, ip := range []netip.Addr{p.IPv4, p.IPv6} {
+			to := netip.AddrPortFrom(ip, 8080).String()
+			out := mustCreate(filepath.Join(work, fmt.Sprintf("remote-%s.out", ip)))
+			pr, err := testenv.StartProc(remote.NetnsPath, testenv.ProcOpts{UID: appUID, GID: appUID, Cgroup: remoteCg, Stdout: out,
+				Args: []string{podbin, "client", "--to", to, "--count", fmt.Sprint(requests)}})
+			if err != nil {
+				return err
+			}
+			if err := pr.Wait(60 * time.Second); err != nil {
+				return fmt.Errorf("client remote-node -> %s: %v (see %s)", to, err, out.Name())
+			}
+			fmt.Printf("    remote-node -> %-35s %d connections ok\n", to, requests)
+		}
+	}
 	for _, p := range pods {
 		ev, err := testenv.ReadEvents[wire.SidecarEvent](p.events)
 		if err != nil {
