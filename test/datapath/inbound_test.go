@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/meshlane/meshlane/daemon/datapath"
 	"github.com/meshlane/meshlane/daemon/mesh"
 	"github.com/meshlane/meshlane/test/podbin/wire"
@@ -210,4 +212,70 @@ func TestInboundShortConnectionsLeaveNoState(t *testing.T) {
 	if ev := sidecarEvents(t, tp.sideB); len(ev) != total {
 		t.Errorf("sidecar B accepted %d connections, want %d", len(ev), total)
 	}
+}
+
+// TestUninstallRemovesInboundHooks: `meshlane-agent uninstall` (RemovePins
+// on a closed datapath) takes the tc programs off every pod interface, in
+// both modes: connections from other nodes reach the app directly again,
+// and no meshlane filter stays behind.
+func TestUninstallRemovesInboundHooks(t *testing.T) {
+	for _, mode := range []string{datapath.InboundTCX, datapath.InboundTC} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newInboundTopology(t, mesh.Istio, mode)
+			n := tp.n
+			to := hostPort(tp.b.IPv4, appPort)
+			seen := len(sidecarEvents(t, tp.sideB))
+			n.client(tp.remote(), to)
+			if ev := newEvents(t, tp.sideB, seen); len(ev) != 1 {
+				t.Fatalf("before uninstall: sidecar B events %+v, want one", ev)
+			}
+			if err := n.dp.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := datapath.RemovePins(n.bpffs); err != nil {
+				t.Fatal(err)
+			}
+			seen = len(sidecarEvents(t, tp.sideB))
+			r := parseReply(t, n.client(tp.remote(), to)[0].Reply)
+			if r.remote.Addr() != tp.r.IPv4 || r.local.String() != to {
+				t.Fatalf("after uninstall the app saw remote %s local %s, want a direct connection from %s", r.remote, r.local, tp.r.IPv4)
+			}
+			if ev := newEvents(t, tp.sideB, seen); len(ev) != 0 {
+				t.Fatalf("after uninstall sidecar B saw %+v", ev)
+			}
+			if f := bpfFilters(t, tp.b); len(f) != 0 {
+				t.Fatalf("tc filters left on b's eth0: %v", f)
+			}
+			// The node's cleanup uninstalls a loaded datapath.
+			reloadNode(t, n, false)
+		})
+	}
+}
+
+// bpfFilters lists the names of the classic tc bpf filters on p's eth0.
+func bpfFilters(t *testing.T, p *testenv.Pod) []string {
+	t.Helper()
+	var names []string
+	err := testenv.InNetns(p.NetnsPath, func() error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+			fs, err := netlink.FilterList(l, parent)
+			if err != nil {
+				continue // no clsact qdisc
+			}
+			for _, f := range fs {
+				if bf, ok := f.(*netlink.BpfFilter); ok {
+					names = append(names, bf.Name)
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return names
 }
