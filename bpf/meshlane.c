@@ -1196,52 +1196,61 @@ static __always_inline void remote_syn(struct __sk_buff *skb,
 	count(ML_CNT_REDIRECT_INBOUND_REMOTE);
 }
 
-SEC("tc")
-int meshlane_tc_ingress(struct __sk_buff *skb)
+/* The flow key of a packet: towards the pod (ingress) the pod's end is the
+ * destination, away from it the source. */
+static __always_inline void flow_key(const struct pkt *p, int ingress,
+				     struct ml_flow_key *k)
+{
+	k->pod = ingress ? p->dst : p->src;
+	k->peer = ingress ? p->src : p->dst;
+	k->peer_port = ingress ? p->sport : p->dport;
+}
+
+/* A packet of a flow tc started: towards the pod the dialed port becomes
+ * the listener's, away from it the other way round. A reset either way
+ * (no listener, an abort) ends the flow. */
+static __always_inline void follow_flow(struct __sk_buff *skb,
+					const struct pkt *p,
+					const struct ml_flow_key *k, int ingress)
+{
+	struct ml_flow *f = bpf_map_lookup_elem(&meshlane_flows, k);
+	__u16 from, to;
+
+	if (!f)
+		return;
+	from = ingress ? f->orig_port : f->inbound_port;
+	to = ingress ? f->inbound_port : f->orig_port;
+	if ((ingress ? p->dport : p->sport) != from)
+		return;
+	if (!set_port(skb, p, ingress, from, to) && (p->flags & TH_RST))
+		end_flow(k);
+}
+
+/* Both directions: a new connection into the pod is decided, every other
+ * segment follows its flow, if any. */
+static __always_inline int on_segment(struct __sk_buff *skb, int ingress)
 {
 	struct ml_flow_key k = {};
 	struct pkt p = {};
-	struct ml_flow *f;
-	__u16 to;
 
 	if (parse_tcp(skb, &p))
 		return TC_ACT_UNSPEC;
-	k.pod = p.dst;
-	k.peer = p.src;
-	k.peer_port = p.sport;
-	if ((p.flags & (TH_SYN | TH_ACK)) == TH_SYN) {
+	flow_key(&p, ingress, &k);
+	if (ingress && (p.flags & (TH_SYN | TH_ACK)) == TH_SYN)
 		remote_syn(skb, &p, &k);
-		return TC_ACT_UNSPEC;
-	}
-	f = bpf_map_lookup_elem(&meshlane_flows, &k);
-	if (!f || f->orig_port != p.dport)
-		return TC_ACT_UNSPEC;
-	to = f->inbound_port;
-	if (!set_port(skb, &p, 1, p.dport, to) && (p.flags & TH_RST))
-		end_flow(&k);
+	else
+		follow_flow(skb, &p, &k, ingress);
 	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int meshlane_tc_ingress(struct __sk_buff *skb)
+{
+	return on_segment(skb, 1);
 }
 
 SEC("tc")
 int meshlane_tc_egress(struct __sk_buff *skb)
 {
-	struct ml_flow_key k = {};
-	struct pkt p = {};
-	struct ml_flow *f;
-	__u16 to;
-
-	if (parse_tcp(skb, &p))
-		return TC_ACT_UNSPEC;
-	k.pod = p.src;
-	k.peer = p.dst;
-	k.peer_port = p.dport;
-	f = bpf_map_lookup_elem(&meshlane_flows, &k);
-	if (!f || f->inbound_port != p.sport)
-		return TC_ACT_UNSPEC;
-	to = f->orig_port;
-	/* A reset from the pod (no listener, or an abort) ends the flow; so
-	 * does one from the peer, on ingress. */
-	if (!set_port(skb, &p, 0, p.sport, to) && (p.flags & TH_RST))
-		end_flow(&k);
-	return TC_ACT_UNSPEC;
+	return on_segment(skb, 0);
 }

@@ -369,7 +369,19 @@ func usesMap(progID int, mapID ebpf.MapID) bool {
 // removePinnedLegacyInbound is removeLegacyInbound for a datapath that is
 // only pinned, found by its pinned flows map.
 func removePinnedLegacyInbound(bpffs string) error {
-	pins, err := filepath.Glob(filepath.Join(bpffs, "maps-v*", "meshlane_flows"))
+	return eachPinnedMap(bpffs, "meshlane_flows", func(m *ebpf.Map) error {
+		info, err := m.Info()
+		if err != nil {
+			return fmt.Errorf("datapath: read meshlane_flows info: %w", err)
+		}
+		id, _ := info.ID()
+		return removeTCFiltersUsing(id)
+	})
+}
+
+// eachPinnedMap runs fn on the pinned map of this name of every layout.
+func eachPinnedMap(bpffs, name string, fn func(*ebpf.Map) error) error {
+	pins, err := filepath.Glob(filepath.Join(bpffs, "maps-v*", name))
 	if err != nil {
 		return err
 	}
@@ -380,14 +392,8 @@ func removePinnedLegacyInbound(bpffs string) error {
 			errs = append(errs, fmt.Errorf("datapath: open pinned map %s: %w", pin, err))
 			continue
 		}
-		info, err := m.Info()
+		errs = append(errs, fn(m))
 		m.Close()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("datapath: read map info of %s: %w", pin, err))
-			continue
-		}
-		id, _ := info.ID()
-		errs = append(errs, removeTCFiltersUsing(id))
 	}
 	return errors.Join(errs...)
 }
@@ -471,19 +477,5 @@ func emptyMap(m *ebpf.Map) error {
 }
 
 func emptyPinnedPodIPs(bpffs string) error {
-	pins, err := filepath.Glob(filepath.Join(bpffs, "maps-v*", "meshlane_podips"))
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, pin := range pins {
-		m, err := ebpf.LoadPinnedMap(pin, nil)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		errs = append(errs, emptyMap(m))
-		m.Close()
-	}
-	return errors.Join(errs...)
+	return eachPinnedMap(bpffs, "meshlane_podips", emptyMap)
 }

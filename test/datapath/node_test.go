@@ -5,8 +5,6 @@
 package datapath_test
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -261,14 +259,9 @@ func readResults(t *testing.T, path string) []wire.ClientResult {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	var res []wire.ClientResult
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var r wire.ClientResult
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatalf("client output %q: %v", sc.Text(), err)
-		}
-		res = append(res, r)
+	res, err := wire.ReadClientResults(f)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return res
 }

@@ -1,9 +1,7 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -40,14 +38,9 @@ func runRemote(e *env, p *cninode.Pod, cg *testenv.Cgroup, limit time.Duration, 
 
 func clientResults(t *testing.T, out []byte) []wire.ClientResult {
 	t.Helper()
-	var res []wire.ClientResult
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		var r wire.ClientResult
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatalf("client output %q: %v", sc.Text(), err)
-		}
-		res = append(res, r)
+	res, err := wire.ReadClientResults(bytes.NewReader(out))
+	if err != nil {
+		t.Fatal(err)
 	}
 	return res
 }

@@ -5,8 +5,10 @@
 package wire
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 	"time"
@@ -76,6 +78,20 @@ type ClientResult struct {
 	// what was sent (and nothing more followed).
 	Bytes int64 `json:"bytes"`
 	Match bool  `json:"match"`
+}
+
+// ReadClientResults decodes the client's output, a result per line.
+func ReadClientResults(r io.Reader) ([]ClientResult, error) {
+	var res []ClientResult
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		var c ClientResult
+		if err := json.Unmarshal(sc.Bytes(), &c); err != nil {
+			return res, fmt.Errorf("client output %q: %w", sc.Text(), err)
+		}
+		res = append(res, c)
+	}
+	return res, sc.Err()
 }
 
 // Writer appends JSON lines to a file. Each line goes out in a single
