@@ -82,6 +82,13 @@ enum ml_pod_flags {
 	 * istio-iptables does: Istio's validation init container relies on it
 	 * (it dials 127.0.0.6:15002 and expects its 15006 listener). */
 	ML_POD_PROXY_LOOPBACK_INBOUND = 8,
+	/* The pod has entries of this kind in meshlane_ports or
+	 * meshlane_cidrs: without the flag the lookup is skipped, which is
+	 * most of connect()'s cost for a pod without such rules. */
+	ML_POD_OUT_PORT_RULES = 16,
+	ML_POD_IN_PORT_RULES = 32,
+	ML_POD_OUT_CIDR_EXCLUDES = 64,
+	ML_POD_OUT_CIDR_INCLUDES = 128,
 };
 
 /* Settings of one meshed pod, keyed by netns cookie. */
@@ -402,7 +409,10 @@ struct decision {
 static __always_inline int decide_inbound(struct decision *d, __u64 dst_netns,
 					  const struct ml_pod *dst)
 {
-	__u32 pf = port_flags(dst_netns, d->orig.port, ML_DIR_INBOUND);
+	__u32 pf = 0;
+
+	if (dst->flags & ML_POD_IN_PORT_RULES)
+		pf = port_flags(dst_netns, d->orig.port, ML_DIR_INBOUND);
 
 	if ((pf & ML_PORT_EXCLUDE) || d->orig.port == dst->inbound_port) {
 		count(ML_CNT_PASS_IN_PORT_EXCLUDED);
@@ -423,19 +433,23 @@ static __always_inline int decide_inbound(struct decision *d, __u64 dst_netns,
 static __always_inline int decide_outbound(struct decision *d, __u64 netns,
 					   const struct ml_pod *src)
 {
-	__u32 pf = port_flags(netns, d->orig.port, ML_DIR_OUTBOUND);
+	__u32 pf = 0;
 
+	if (src->flags & ML_POD_OUT_PORT_RULES)
+		pf = port_flags(netns, d->orig.port, ML_DIR_OUTBOUND);
 	if (pf & ML_PORT_EXCLUDE) {
 		count(ML_CNT_PASS_OUT_PORT_EXCLUDED);
 		return V_PASS;
 	}
 	if (!(pf & ML_PORT_INCLUDE)) {
-		if (cidr_match(netns, ML_CIDR_EXCLUDE, &d->orig.addr)) {
+		if ((src->flags & ML_POD_OUT_CIDR_EXCLUDES) &&
+		    cidr_match(netns, ML_CIDR_EXCLUDE, &d->orig.addr)) {
 			count(ML_CNT_PASS_OUT_CIDR_EXCLUDED);
 			return V_PASS;
 		}
 		if (!(src->flags & ML_POD_OUTBOUND_ALL_CIDRS) &&
-		    !cidr_match(netns, ML_CIDR_INCLUDE, &d->orig.addr)) {
+		    !((src->flags & ML_POD_OUT_CIDR_INCLUDES) &&
+		      cidr_match(netns, ML_CIDR_INCLUDE, &d->orig.addr))) {
 			count(ML_CNT_PASS_OUT_CIDR_NOT_INCLUDED);
 			return V_PASS;
 		}

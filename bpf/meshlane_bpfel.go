@@ -113,6 +113,10 @@ const (
 	MeshlaneMlPodFlagsML_POD_OUTBOUND_ALL_CIDRS     MeshlaneMlPodFlags = 2
 	MeshlaneMlPodFlagsML_POD_DNS_CAPTURE            MeshlaneMlPodFlags = 4
 	MeshlaneMlPodFlagsML_POD_PROXY_LOOPBACK_INBOUND MeshlaneMlPodFlags = 8
+	MeshlaneMlPodFlagsML_POD_OUT_PORT_RULES         MeshlaneMlPodFlags = 16
+	MeshlaneMlPodFlagsML_POD_IN_PORT_RULES          MeshlaneMlPodFlags = 32
+	MeshlaneMlPodFlagsML_POD_OUT_CIDR_EXCLUDES      MeshlaneMlPodFlags = 64
+	MeshlaneMlPodFlagsML_POD_OUT_CIDR_INCLUDES      MeshlaneMlPodFlags = 128
 )
 
 type MeshlaneMlPortDir uint32

@@ -149,6 +149,21 @@ func (p Pod) value() bpf.MeshlaneMlPod {
 		v.Flags |= uint32(bpf.MeshlaneMlPodFlagsML_POD_DNS_CAPTURE)
 		v.DnsPort = p.DNSPort
 	}
+	// Which rule maps hold entries for the pod, so the programs look up
+	// only those.
+	for _, r := range []struct {
+		has  bool
+		flag bpf.MeshlaneMlPodFlags
+	}{
+		{len(p.OutboundIncludePorts)+len(p.OutboundExcludePorts) > 0, bpf.MeshlaneMlPodFlagsML_POD_OUT_PORT_RULES},
+		{len(p.InboundInclude)+len(p.InboundExclude) > 0, bpf.MeshlaneMlPodFlagsML_POD_IN_PORT_RULES},
+		{len(p.OutboundExcludeCIDRs) > 0, bpf.MeshlaneMlPodFlagsML_POD_OUT_CIDR_EXCLUDES},
+		{len(p.OutboundIncludeCIDRs) > 0, bpf.MeshlaneMlPodFlagsML_POD_OUT_CIDR_INCLUDES},
+	} {
+		if r.has {
+			v.Flags |= uint32(r.flag)
+		}
+	}
 	return v
 }
 

@@ -249,3 +249,59 @@ func TestPassthroughFirstConnection(t *testing.T) {
 	}
 	t.Logf("%d fresh processes, %d failures", runs, failed.Load())
 }
+
+// TestIncludeRules: Istio's include lists (no "*"): outbound only to the
+// included ranges or ports, inbound only on the included ports. The
+// programs skip rule lookups for pods without rules of a kind, so each
+// kind is checked here with rules present.
+func TestIncludeRules(t *testing.T) {
+	n := newNode(t, false)
+	a, b, c, e := n.pod("a"), n.pod("b"), n.pod("c"), n.pod("e")
+	n.mesh(a, mesh.Istio, map[string]string{
+		"traffic.sidecar.istio.io/includeOutboundIPRanges": c.IPv4.String() + "/32," + c.IPv6.String() + "/128",
+		"traffic.sidecar.istio.io/includeOutboundPorts":    fmt.Sprint(includedPort),
+	})
+	n.mesh(b, mesh.Istio, map[string]string{"traffic.sidecar.istio.io/includeInboundPorts": fmt.Sprint(includedPort)})
+	sideA, sideB := n.sidecar(a, mesh.Istio), n.sidecar(b, mesh.Istio)
+	n.server(b, "b", appPort, includedPort)
+	n.server(c, "c", appPort)
+	n.server(e, "e", appPort, includedPort)
+
+	for fam := range families(a) {
+		cases := []struct {
+			name     string
+			from     where
+			to       netip.Addr
+			port     int
+			sidecar  string
+			listener string
+		}{
+			{"app to an included range", app(a), families(c)[fam], appPort, sideA, wire.ListenerOutbound},
+			{"app to a range not included", app(a), families(e)[fam], appPort, "", ""},
+			{"app to an included port elsewhere", app(a), families(e)[fam], includedPort, sideA, wire.ListenerOutbound},
+			{"host to an included inbound port", host(), families(b)[fam], includedPort, sideB, wire.ListenerInbound},
+			{"host to an inbound port not included", host(), families(b)[fam], appPort, "", ""},
+		}
+		for _, c := range cases {
+			t.Run(fam+"/"+c.name, func(t *testing.T) {
+				seenA, seenB := len(sidecarEvents(t, sideA)), len(sidecarEvents(t, sideB))
+				to := hostPort(c.to, c.port)
+				n.client(c.from, to)
+				evA, evB := newEvents(t, sideA, seenA), newEvents(t, sideB, seenB)
+				got := map[string][]wire.SidecarEvent{sideA: evA, sideB: evB}
+				for _, s := range []string{sideA, sideB} {
+					want := 0
+					if s == c.sidecar {
+						want = 1
+					}
+					if len(got[s]) != want {
+						t.Fatalf("sidecar %s events %+v, want %d", s, got[s], want)
+					}
+					if want == 1 && (got[s][0].Listener != c.listener || got[s][0].OrigDst != to) {
+						t.Fatalf("sidecar event %+v, want %s listener with origDst %s", got[s][0], c.listener, to)
+					}
+				}
+			})
+		}
+	}
+}
