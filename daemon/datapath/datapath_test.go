@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
 
 	"github.com/meshlane/meshlane/bpf"
 	"github.com/meshlane/meshlane/daemon/datapath"
@@ -347,5 +348,42 @@ func TestUpgradeAcrossLayouts(t *testing.T) {
 	}
 	if _, err := os.Stat(old); !os.IsNotExist(err) {
 		t.Fatalf("old layout's pins still there: %v", err)
+	}
+}
+
+// TestInboundNeedsEthernet: a pod whose interface has no Ethernet header
+// (here a tun device) is refused with an error that says so, and the
+// maps are left as they were: no pod is meshed with its inbound from other
+// nodes bypassing the sidecar. An interface that does not exist is refused
+// the same way.
+func TestInboundNeedsEthernet(t *testing.T) {
+	testenv.RequireRoot(t)
+	cg := testenv.TempCgroup(t)
+	d := load(t, filepath.Join(testenv.BPFFS(t), "meshlane"), cg.Path, false)
+	t.Cleanup(func() { d.Uninstall() })
+	nsPath, err := testenv.CreateNetns("l3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { testenv.DeleteNetns(nsPath) })
+	err = testenv.InNetns(nsPath, func() error {
+		return netlink.LinkAdd(&netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: "tun0"}, Mode: netlink.TUNTAP_MODE_TUN, Flags: netlink.TUNTAP_DEFAULTS})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ ifname, want string }{
+		{"tun0", "no Ethernet header"},
+		{"eth9", "pod interface eth9"},
+	} {
+		p := pod(7, "198.18.0.7")
+		p.Interface = datapath.PodInterface{Netns: nsPath, Name: c.ifname}
+		err := d.UpsertPod(p)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Fatalf("%s: upsert: %v, want an error containing %q", c.ifname, err, c.want)
+		}
+		if got := entries(t, d); got["meshlane_pods"] != 0 || got["meshlane_ports"] != 0 || got["meshlane_podips"] != 0 || got["meshlane_cidrs"] != 0 {
+			t.Fatalf("%s: a refused pod left %v", c.ifname, got)
+		}
 	}
 }

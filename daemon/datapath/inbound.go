@@ -184,6 +184,9 @@ func inNetns(ifc PodInterface, fn func(ifindex int) error) error {
 		if err != nil {
 			return fmt.Errorf("datapath: pod interface %s: %w", ifc.Name, err)
 		}
+		if err := ethernetOnly(ifc.Name, i.HardwareAddr); err != nil {
+			return err
+		}
 		return fn(i.Index)
 	})
 	var nsErr ns.NSPathNotExistErr
@@ -191,6 +194,18 @@ func inNetns(ifc PodInterface, fn func(ifindex int) error) error {
 		return fmt.Errorf("datapath: pod netns %s is gone: %w", ifc.Netns, err)
 	}
 	return err
+}
+
+// ethernetOnly refuses an interface without an Ethernet header (an L3
+// device: netkit in L3 mode, ipvlan L3, a tunnel): the programs read IP
+// at the Ethernet header's end and would rewrite the wrong bytes there.
+// Refusing fails the pod's ADD, rather than meshing it with its inbound
+// from other nodes bypassing the sidecar.
+func ethernetOnly(name string, mac net.HardwareAddr) error {
+	if len(mac) != 6 {
+		return fmt.Errorf("datapath: pod interface %s has no Ethernet header; meshlane's inbound tc programs support Ethernet pod interfaces (veth) only", name)
+	}
+	return nil
 }
 
 // tcHandle is a netlink handle inside the pod's network namespace.
@@ -205,6 +220,9 @@ func tcHandle(ifc PodInterface) (*netlink.Handle, netlink.Link, error) {
 		return nil, nil, fmt.Errorf("datapath: netlink in pod netns %s: %w", ifc.Netns, err)
 	}
 	l, err := h.LinkByName(ifc.Name)
+	if err == nil {
+		err = ethernetOnly(ifc.Name, l.Attrs().HardwareAddr)
+	}
 	if err != nil {
 		h.Close()
 		return nil, nil, fmt.Errorf("datapath: pod interface %s: %w", ifc.Name, err)
