@@ -27,6 +27,10 @@ const DefaultBPFFS = "/sys/fs/bpf/meshlane"
 // key or value layout changes in bpf/meshlane.c: pinned maps are only checked
 // for type and sizes on reuse, never for the meaning of their bytes, so a new
 // layout must never open an old pin. TestLayoutVersion guards it.
+// meshlane_flows is the one map whose entries the agent cannot rebuild
+// (they are live connections from other nodes): a layout change that
+// touches it must copy them into the new map before Attach swaps the
+// programs, or those connections break at the upgrade.
 const LayoutVersion = 3
 
 // Options configure Load.
