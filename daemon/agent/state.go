@@ -66,9 +66,9 @@ func makePodsDir(stateDir string) error {
 
 // savePod replaces the pod's state file atomically: temp file, fsync,
 // rename, fsync of the directory. A crash leaves the old file or the new
-// one, never a mix. The caller holds the pod's stripe lock, which is what
-// keeps two writes of one pod's file apart; files of different pods are
-// written in parallel.
+// one, never a mix. The caller holds the pod's stripe lock (or is Restore,
+// before serving), which is what keeps two writes of one pod's file apart;
+// files of different pods are written in parallel.
 func (a *Agent) savePod(rec PodRecord) error {
 	// Annotations are left out to keep the file small (Istio's status
 	// annotation alone is about a KiB): what they decided is kept in
