@@ -105,7 +105,7 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "unix socket the CNI plugin connects to")
 	fs.StringVar(&o.bpffs, "bpffs", datapath.DefaultBPFFS, "pin directory on a bpf filesystem")
 	fs.StringVar(&o.cgroup, "cgroup", "", "cgroup v2 directory to attach to (default: root of the cgroup2 mount in /proc/self/mountinfo)")
-	fs.StringVar(&o.stateDir, "state-dir", "/var/run/meshlane/state", "directory of the pod registry (pods.json)")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/run/meshlane/state", "directory of the pod registry (one state file per pod under pods/)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or console")
 	fs.StringVar(&o.profile, "profile", mesh.Istio.Name, "default mesh for pods whose annotations the runtime does not pass: istio or linkerd")

@@ -50,7 +50,8 @@ type Config struct {
 	// Profile is the default mesh: the profile of pods whose annotations
 	// the runtime did not pass, and the adjusted profile of its mesh.
 	Profile mesh.Profile
-	// StateDir holds pods.json, the registry that survives restarts.
+	// StateDir holds the registry that survives restarts: one file per
+	// pod under pods/.
 	StateDir string
 	// GCInterval is the background GC period; zero means
 	// DefaultGCInterval.
@@ -117,12 +118,8 @@ type Agent struct {
 
 	locks [lockStripes]sync.Mutex
 
-	mu   sync.Mutex // guards pods and gen
+	mu   sync.Mutex // guards pods
 	pods map[string]*entry
-	gen  uint64 // counts registry changes, for persist
-
-	saveMu   sync.Mutex // serializes state file writes
-	savedGen uint64
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -131,14 +128,14 @@ type Agent struct {
 	srv *http.Server
 }
 
-// New checks cfg and starts the background GC. It does not read the state
-// file: call Restore before serving.
+// New checks cfg, creates the state directory and starts the background
+// GC. It does not read the state files: call Restore before serving.
 func New(cfg Config) (*Agent, error) {
 	if cfg.Maps == nil {
 		return nil, errors.New("agent: Config.Maps is nil: the agent needs the datapath to write")
 	}
 	if cfg.StateDir == "" {
-		return nil, errors.New("agent: Config.StateDir is empty: set the directory for pods.json")
+		return nil, errors.New("agent: Config.StateDir is empty: set the directory of the pod state files")
 	}
 	if cfg.GCInterval < 0 {
 		return nil, fmt.Errorf("agent: GC interval %s is negative", cfg.GCInterval)
@@ -156,6 +153,9 @@ func New(cfg Config) (*Agent, error) {
 	flt, err := faultFromEnv()
 	if err != nil {
 		return nil, err
+	}
+	if err := makePodsDir(cfg.StateDir); err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &Agent{
@@ -213,10 +213,6 @@ func (a *Agent) Events() []Event { return a.events.all() }
 func (a *Agent) Pods() []PodRecord {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.recordsLocked()
-}
-
-func (a *Agent) recordsLocked() []PodRecord {
 	out := make([]PodRecord, 0, len(a.pods))
 	for _, e := range a.pods {
 		out = append(out, e.rec)
@@ -263,7 +259,6 @@ func (a *Agent) update(e *entry, fn func(*PodRecord)) {
 	defer a.mu.Unlock()
 	fn(&e.rec)
 	e.rec.Changed = time.Now()
-	a.gen++
 }
 
 // put adds or replaces a record; the caller holds the pod's stripe lock.
@@ -271,7 +266,6 @@ func (a *Agent) put(e *entry) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.pods[e.rec.Event.ContainerID] = e
-	a.gen++
 }
 
 // drop removes e from the maps and then from the registry. The caller
@@ -279,7 +273,7 @@ func (a *Agent) put(e *entry) {
 // held so that a retry can remove it.
 //
 // A pod still waiting for its sidecar may be in the maps too: an agent
-// killed while meshing it (promote) wrote the maps but not the state file.
+// killed while meshing it (promote) wrote the maps but not its state file.
 // Its entries are keyed by its netns cookie, which no other pod ever has,
 // and DeletePod removes an address only while it names that cookie, so
 // deleting them is safe whether or not they exist.
@@ -309,7 +303,6 @@ func (a *Agent) forget(e *entry) {
 	defer a.mu.Unlock()
 	if a.pods[e.rec.Event.ContainerID] == e {
 		delete(a.pods, e.rec.Event.ContainerID)
-		a.gen++
 	}
 }
 

@@ -42,16 +42,13 @@ func TestAddMeshed(t *testing.T) {
 		t.Fatalf("CHECK of a held pod: %d", code)
 	}
 
-	// The state file lists the pod.
-	data, err := os.ReadFile(filepath.Join(stateDir, "pods.json"))
-	if err != nil {
-		t.Fatal(err)
+	// The pod has its state file, without the annotations.
+	rec, ok := statePods(t, stateDir)["meshed1"]
+	if !ok || rec.State != api.StateMeshed || rec.Pod == nil || rec.NetnsCookie != p.cookie(t) {
+		t.Fatalf("state files: %v, want meshed1 meshed", statePods(t, stateDir))
 	}
-	if !strings.Contains(string(data), `"meshed1"`) || !strings.Contains(string(data), `"version": 1`) {
-		t.Fatalf("state file lacks the pod: %s", data)
-	}
-	if strings.Contains(string(data), "excludeOutboundPorts") {
-		t.Fatalf("state file carries the annotations: %s", data)
+	if rec.Event.Annotations != nil {
+		t.Fatalf("state file carries the annotations: %v", rec.Event.Annotations)
 	}
 	if recs := a.Pods(); recs[0].Event.Annotations == nil {
 		t.Fatal("persisting dropped the annotations of the live record")
@@ -106,6 +103,9 @@ func TestAddRejectsBadRequests(t *testing.T) {
 	}{
 		{"no id", mod(func(e *api.PodEvent) { e.ContainerID = "" }), "containerID is empty"},
 		{"bad id", mod(func(e *api.PodEvent) { e.ContainerID = "../x" }), "invalid character"},
+		{"hidden id", mod(func(e *api.PodEvent) { e.ContainerID = ".tmp-1" }), "invalid character"},
+		// The id names the pod's state file, <id>.json: 255 bytes at most.
+		{"long id", mod(func(e *api.PodEvent) { e.ContainerID = strings.Repeat("a", 251) }), "at most 250"},
 		{"no netns", mod(func(e *api.PodEvent) { e.Netns = "" }), "netns is empty"},
 		{"relative netns", mod(func(e *api.PodEvent) { e.Netns = "netns/x" }), "not an absolute path"},
 		{"no ifname", mod(func(e *api.PodEvent) { e.IfName = "" }), "ifName is empty"},
@@ -162,7 +162,8 @@ func TestWaitingPodMeshedWhenSidecarListens(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			maps := newFakeMaps()
-			a := newAgent(t, opts{maps: maps})
+			dir := t.TempDir()
+			a := newAgent(t, opts{maps: maps, stateDir: dir})
 			c := client(serve(t, a))
 			p := newPod(t, "wait-"+tc.name, nil)
 
@@ -186,6 +187,12 @@ func TestWaitingPodMeshedWhenSidecarListens(t *testing.T) {
 			if recs := a.Pods(); recs[0].Profile != tc.profile {
 				t.Fatalf("profile = %q, want %q", recs[0].Profile, tc.profile)
 			}
+			// The pod's state file follows (written right after the record
+			// changes, so poll).
+			eventually(t, "state file says meshed", func() bool {
+				rec := statePods(t, dir)[p.ev.ContainerID]
+				return rec.State == api.StateMeshed && rec.Pod != nil && rec.Profile == tc.profile
+			})
 			eventually(t, "pod-meshed event", func() bool { return hasEvent(a, agent.EventMeshed, p.ev.ContainerID) })
 		})
 	}
@@ -197,7 +204,8 @@ func hasEvent(a *agent.Agent, kind, id string) bool {
 
 func TestIdempotentAddDel(t *testing.T) {
 	maps := newFakeMaps()
-	a := newAgent(t, opts{maps: maps})
+	dir := t.TempDir()
+	a := newAgent(t, opts{maps: maps, stateDir: dir})
 	c := client(serve(t, a))
 	p := newPod(t, "idem1", istioAnn)
 
@@ -214,8 +222,8 @@ func TestIdempotentAddDel(t *testing.T) {
 	if resp.State != api.StateDeleted {
 		t.Fatalf("DEL: %+v", resp)
 	}
-	if len(maps.cookies()) != 0 || len(a.Pods()) != 0 {
-		t.Fatalf("after DEL: maps %v, pods %v", maps.cookies(), heldIDs(a))
+	if len(maps.cookies()) != 0 || len(a.Pods()) != 0 || len(stateIDs(t, dir)) != 0 {
+		t.Fatalf("after DEL: maps %v, pods %v, state files %v", maps.cookies(), heldIDs(a), stateIDs(t, dir))
 	}
 	_, resp, _ = call(t, c, api.PathDel, p.ev)
 	if resp.State != api.StateUnknownPod {
@@ -283,7 +291,8 @@ func itoa(c uint64) string {
 
 func TestGCVerb(t *testing.T) {
 	maps := newFakeMaps()
-	a := newAgent(t, opts{maps: maps})
+	dir := t.TempDir()
+	a := newAgent(t, opts{maps: maps, stateDir: dir})
 	c := client(serve(t, a))
 	keep := newPod(t, "gc-keep", istioAnn)
 	wrongIf := newPod(t, "gc-wrongif", istioAnn)
@@ -307,8 +316,9 @@ func TestGCVerb(t *testing.T) {
 	if !slices.Equal(resp.Removed, []string{"gc-gone", "gc-wrongif"}) {
 		t.Fatalf("GC removed %v", resp.Removed)
 	}
-	if !slices.Equal(heldIDs(a), []string{"gc-keep"}) || !slices.Equal(maps.cookies(), []uint64{keep.cookie(t)}) {
-		t.Fatalf("after GC: pods %v, maps %v", heldIDs(a), maps.cookies())
+	if !slices.Equal(heldIDs(a), []string{"gc-keep"}) || !slices.Equal(maps.cookies(), []uint64{keep.cookie(t)}) ||
+		!slices.Equal(stateIDs(t, dir), []string{"gc-keep"}) {
+		t.Fatalf("after GC: pods %v, maps %v, state files %v", heldIDs(a), maps.cookies(), stateIDs(t, dir))
 	}
 
 	// A request without the list is refused rather than read as "none".
@@ -325,7 +335,8 @@ func TestGCVerb(t *testing.T) {
 
 func TestBackgroundGC(t *testing.T) {
 	maps := newFakeMaps()
-	a := newAgent(t, opts{maps: maps, gc: 100 * time.Millisecond})
+	dir := t.TempDir()
+	a := newAgent(t, opts{maps: maps, stateDir: dir, gc: 100 * time.Millisecond})
 	deleted := newPod(t, "bg-deleted", istioAnn)
 	replaced := newPod(t, "bg-replaced", istioAnn)
 	live := newPod(t, "bg-live", istioAnn)
@@ -344,6 +355,7 @@ func TestBackgroundGC(t *testing.T) {
 	if !slices.Equal(maps.cookies(), []uint64{live.cookie(t)}) {
 		t.Fatalf("maps after background GC: %v, want only %d", maps.cookies(), live.cookie(t))
 	}
+	eventually(t, "state files of dead pods removed", func() bool { return slices.Equal(stateIDs(t, dir), []string{"bg-live"}) })
 	eventually(t, "GC event", func() bool { return hasEvent(a, agent.EventGC, "bg-deleted") })
 }
 
@@ -373,7 +385,7 @@ func TestRestore(t *testing.T) {
 	}{{"pinned", maps}, {"recreated", newFakeMaps()}} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			copyFile(t, filepath.Join(stateDir, "pods.json"), filepath.Join(dir, "pods.json"))
+			copyDir(t, filepath.Join(stateDir, "pods"), filepath.Join(dir, "pods"))
 			a2 := newAgent(t, opts{maps: tc.maps, stateDir: dir})
 			if err := a2.Restore(); err != nil {
 				t.Fatalf("Restore: %v", err)
@@ -387,10 +399,9 @@ func TestRestore(t *testing.T) {
 			if podState(a2, "rs-waiting") != api.StateWaiting {
 				t.Fatalf("waiting pod restored as %q", podState(a2, "rs-waiting"))
 			}
-			// The state file no longer lists the dead pod.
-			data, _ := os.ReadFile(filepath.Join(dir, "pods.json"))
-			if strings.Contains(string(data), "rs-dead") {
-				t.Fatal("state file still lists the dead pod after restore")
+			// The dead pod's state file is gone.
+			if got, want := stateIDs(t, dir), []string{"rs-meshed", "rs-plain", "rs-waiting"}; !slices.Equal(got, want) {
+				t.Fatalf("state files after restore: %v, want %v", got, want)
 			}
 		})
 	}
@@ -424,37 +435,100 @@ func TestRestoreRefusedPod(t *testing.T) {
 	if got, want := heldIDs(a2), []string{"rr-plain"}; !slices.Equal(got, want) {
 		t.Fatalf("held %v, want %v", got, want)
 	}
-	data, _ := os.ReadFile(filepath.Join(stateDir, "pods.json"))
-	if strings.Contains(string(data), "rr-meshed") {
-		t.Fatal("state file still lists the refused pod")
+	if got, want := stateIDs(t, stateDir), []string{"rr-plain"}; !slices.Equal(got, want) {
+		t.Fatalf("state files %v, want %v: the refused pod's file is still there", got, want)
 	}
 }
 
-func copyFile(t *testing.T, from, to string) {
+// copyDir copies the regular files of from into to, made if missing.
+func copyDir(t *testing.T, from, to string) {
 	t.Helper()
-	data, err := os.ReadFile(from)
+	if err := os.CopyFS(to, os.DirFS(from)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRestoreRefusesUnknownStateFile: a pod file the agent cannot read
+// stops Restore with an error naming the file and what to do, and changes
+// nothing, so the other pods' files are all there for the next start.
+func TestRestoreRefusesUnknownStateFile(t *testing.T) {
+	base := t.TempDir()
+	a1 := newAgent(t, opts{stateDir: base})
+	good := []string{"rf-good1", "rf-good2"}
+	for _, id := range good {
+		mustAdd(t, a1, newPod(t, id, istioAnn).ev)
+	}
+	a1.Close()
+	good1, err := os.ReadFile(filepath.Join(base, "pods", "rf-good1.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(to, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func TestRestoreRefusesUnknownStateFile(t *testing.T) {
 	for name, content := range map[string]string{
-		"version": `{"version": 99, "pods": []}`,
-		"corrupt": `{"version": 1, "pods": [`,
+		"version":       `{"version": 99, "pod": {"event": {"containerID": "rf-bad"}, "state": "not-meshed"}}`,
+		"corrupt":       `{"version": 1, "pod": {`,
+		"other pod":     string(good1),
+		"meshed no pod": `{"version": 1, "pod": {"event": {"containerID": "rf-bad"}, "state": "meshed"}}`,
+		"unknown state": `{"version": 1, "pod": {"event": {"containerID": "rf-bad"}, "state": "sleeping"}}`,
 	} {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
-			if err := os.WriteFile(filepath.Join(dir, "pods.json"), []byte(content), 0o600); err != nil {
+			copyDir(t, base, dir)
+			bad := filepath.Join(dir, "pods", "rf-bad.json")
+			if err := os.WriteFile(bad, []byte(content), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			a := newAgent(t, opts{stateDir: dir})
+			maps := newFakeMaps()
+			a := newAgent(t, opts{maps: maps, stateDir: dir})
 			err := a.Restore()
-			if err == nil || !strings.Contains(err.Error(), "move it away") {
-				t.Fatalf("Restore = %v, want an error saying what to do", err)
+			if err == nil || !strings.Contains(err.Error(), bad) || !strings.Contains(err.Error(), "move it away") {
+				t.Fatalf("Restore = %v, want an error naming %s and saying what to do", err, bad)
+			}
+			if len(a.Pods()) != 0 || len(maps.cookies()) != 0 {
+				t.Fatalf("refused Restore changed state: pods %v, maps %v", heldIDs(a), maps.cookies())
+			}
+			// Done as told, the next start has every other pod.
+			if err := os.Rename(bad, filepath.Join(dir, "rf-bad.json.moved")); err != nil {
+				t.Fatal(err)
+			}
+			a2 := newAgent(t, opts{stateDir: dir})
+			if err := a2.Restore(); err != nil {
+				t.Fatalf("Restore after moving the file away: %v", err)
+			}
+			if !slices.Equal(heldIDs(a2), good) {
+				t.Fatalf("restored %v, want %v", heldIDs(a2), good)
+			}
+		})
+	}
+	t.Run("several", func(t *testing.T) {
+		dir := t.TempDir()
+		copyDir(t, base, dir)
+		for _, id := range []string{"rf-bad1", "rf-bad2"} {
+			if err := os.WriteFile(filepath.Join(dir, "pods", id+".json"), []byte("{"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		err := newAgent(t, opts{stateDir: dir}).Restore()
+		if err == nil || !strings.Contains(err.Error(), "2 state files") || !strings.Contains(err.Error(), "move it away") {
+			t.Fatalf("Restore = %v, want an error counting both files", err)
+		}
+	})
+	// The legacy single file is refused the same way (and left as it is).
+	for name, content := range map[string]string{
+		"legacy version": `{"version": 99, "pods": []}`,
+		"legacy corrupt": `{"version": 1, "pods": [`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			legacy := filepath.Join(dir, "pods.json")
+			if err := os.WriteFile(legacy, []byte(content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			err := newAgent(t, opts{stateDir: dir}).Restore()
+			if err == nil || !strings.Contains(err.Error(), legacy) || !strings.Contains(err.Error(), "move it away") {
+				t.Fatalf("Restore = %v, want an error naming %s and saying what to do", err, legacy)
+			}
+			if _, err := os.Stat(legacy); err != nil {
+				t.Fatalf("refused legacy file: %v", err)
 			}
 		})
 	}

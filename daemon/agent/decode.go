@@ -12,8 +12,10 @@ import (
 	"github.com/meshlane/meshlane/daemon/api"
 )
 
-// maxContainerIDLen bounds a container id; runtimes use 64 hex digits.
-const maxContainerIDLen = 256
+// maxContainerIDLen bounds a container id; runtimes use 64 hex digits. The
+// id names the pod's state file, <id>.json, and a file name on Linux is at
+// most 255 bytes: a longer id would be accepted and then fail at the write.
+const maxContainerIDLen = 255 - len(podFileExt)
 
 // DecodePodEvent reads exactly one JSON PodEvent from r. Unknown fields
 // are ignored so that a newer plugin can talk to an older agent; trailing

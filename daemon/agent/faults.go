@@ -27,17 +27,17 @@ const (
 	noFault fault = iota
 	// faultAddAfterCookie: the netns cookie is read; nothing is written.
 	faultAddAfterCookie
-	// faultAddAfterState: the state file lists the pod; the maps do not
-	// hold it yet.
+	// faultAddAfterState: the pod's state file is written; the maps do
+	// not hold it yet.
 	faultAddAfterState
 	// faultAddAfterMaps: state file and maps hold the pod; only the
 	// answer to the plugin is missing.
 	faultAddAfterMaps
-	// faultDelAfterMaps: the pod is gone from the maps; the state file
-	// still lists it.
+	// faultDelAfterMaps: the pod is gone from the maps; its state file
+	// is still there.
 	faultDelAfterMaps
-	// faultDelAfterState: the pod is gone from maps and state file; only
-	// the answer is missing.
+	// faultDelAfterState: the pod is gone from the maps and its state
+	// file is removed; only the answer is missing.
 	faultDelAfterState
 )
 

@@ -2,8 +2,6 @@ package agent_test
 
 import (
 	"errors"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -33,17 +31,21 @@ func TestFaultEnv(t *testing.T) {
 	}
 }
 
-// stateWatchingMaps records, at each UpsertPod, whether the state file
-// already listed the pod.
+// stateWatchingMaps records, at each UpsertPod, whether a state file
+// already held the pod.
 type stateWatchingMaps struct {
 	*fakeMaps
+	t        *testing.T
 	stateDir string
 	listed   []bool
 }
 
 func (m *stateWatchingMaps) UpsertPod(p datapath.Pod) error {
-	data, _ := os.ReadFile(filepath.Join(m.stateDir, "pods.json"))
-	m.listed = append(m.listed, strings.Contains(string(data), `"netnsCookie": `+itoa(p.NetnsCookie)))
+	listed := false
+	for _, rec := range statePods(m.t, m.stateDir) {
+		listed = listed || rec.NetnsCookie == p.NetnsCookie && rec.Pod != nil
+	}
+	m.listed = append(m.listed, listed)
 	return m.fakeMaps.UpsertPod(p)
 }
 
@@ -52,7 +54,7 @@ func (m *stateWatchingMaps) UpsertPod(p datapath.Pod) error {
 // (test/e2e's TestCrashAtEveryStep kills the real agent there).
 func TestStateFileBeforeMaps(t *testing.T) {
 	dir := t.TempDir()
-	maps := &stateWatchingMaps{fakeMaps: newFakeMaps(), stateDir: dir}
+	maps := &stateWatchingMaps{fakeMaps: newFakeMaps(), t: t, stateDir: dir}
 	a, err := agent.New(agent.Config{Maps: maps, StateDir: dir, Profile: mesh.Istio})
 	if err != nil {
 		t.Fatal(err)
@@ -84,8 +86,8 @@ func TestRefusedPodForgotten(t *testing.T) {
 	if len(a.Pods()) != 0 {
 		t.Fatalf("refused pod held: %v", heldIDs(a))
 	}
-	if data, _ := os.ReadFile(filepath.Join(dir, "pods.json")); strings.Contains(string(data), "refused1") {
-		t.Fatalf("state file lists the refused pod: %s", data)
+	if ids := stateIDs(t, dir); len(ids) != 0 {
+		t.Fatalf("state files of %v are left, want none for the refused pod", ids)
 	}
 	found := false
 	for _, e := range logs.All() {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -348,4 +349,42 @@ func mustDel(t *testing.T, a *agent.Agent, ev api.PodEvent) api.PodResponse {
 		t.Fatalf("DEL %s: %v", ev.ContainerID, err)
 	}
 	return resp
+}
+
+// statePods reads every pod state file under dir (the agent's StateDir)
+// the way an operator would, without the agent's reader: each file must
+// be <container id>.json holding version 1 and the pod's record. A
+// missing pods directory is no pods.
+func statePods(t *testing.T, dir string) map[string]agent.PodRecord {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "pods", "*.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]agent.PodRecord{}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc struct {
+			Version int             `json:"version"`
+			Pod     agent.PodRecord `json:"pod"`
+		}
+		if err := json.Unmarshal(data, &doc); err != nil {
+			t.Fatalf("state file %s: %v", f, err)
+		}
+		id := strings.TrimSuffix(filepath.Base(f), ".json")
+		if doc.Version != 1 || doc.Pod.Event.ContainerID != id {
+			t.Fatalf("state file %s: version %d, container %q", f, doc.Version, doc.Pod.Event.ContainerID)
+		}
+		out[id] = doc.Pod
+	}
+	return out
+}
+
+// stateIDs returns the container ids with a state file under dir, sorted.
+func stateIDs(t *testing.T, dir string) []string {
+	t.Helper()
+	return slices.Sorted(maps.Keys(statePods(t, dir)))
 }

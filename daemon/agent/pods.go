@@ -18,12 +18,12 @@ import (
 
 // Write order and crash safety.
 //
-// ADD writes the state file first, then the datapath maps, then answers;
-// DEL deletes from the maps first, then writes the state file. So the state
-// file lists every pod the maps may hold, and a restarted agent (Restore)
-// either re-applies a pod or, its netns gone, deletes its entries. Killed
-// at any point of ADD (each point is a fault of faults.go, exercised by
-// test/e2e/faults_test.go):
+// ADD writes the pod's state file first, then the datapath maps, then
+// answers; DEL deletes from the maps first, then removes the pod's state
+// file. So the state files list every pod the maps may hold, and a
+// restarted agent (Restore) either re-applies a pod or, its netns gone,
+// deletes its entries. Killed at any point of ADD (each point is a fault of
+// faults.go, exercised by test/e2e/faults_test.go):
 //   - before the state file: nothing was written; the plugin saw no
 //     answer and fails the ADD, so the runtime tears the sandbox down and
 //     retries with a new one.
@@ -37,9 +37,9 @@ import (
 // Writing the maps first instead would leave entries no agent knows of in
 // that last case, keyed by a dead netns and by addresses the IPAM hands to
 // the next pod, which would then be redirected to a sidecar it lacks.
-// Killed in DEL after the maps, before the state file: the restarted agent
-// still lists the pod and drops it, its netns being gone, or re-applies it
-// until the background GC sees the netns go.
+// Killed in DEL after the maps, before the state file is removed: the
+// restarted agent still lists the pod and drops it, its netns being gone,
+// or re-applies it until the background GC sees the netns go.
 
 // Add handles a CNI ADD. It answers only once the pod's redirect is in the
 // maps, so the pod's first packet is already redirected.
@@ -112,9 +112,10 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 		e.rec.State = api.StateWaiting
 	}
 	a.put(e)
-	if err := a.persist(); err != nil {
+	if err := a.savePod(e.rec); err != nil {
 		// Nothing is in the maps yet: forget the pod, and the runtime
-		// retries.
+		// retries. A replaced pod's file may still describe the old
+		// netns; Restore drops it as stale.
 		a.forget(e)
 		return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("ADD %s: %w", ev.ContainerID, err))
 	}
@@ -124,7 +125,7 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 			// UpsertPod took back what it wrote: forget the pod too, so
 			// that a restart does not try again what did not fit.
 			a.forget(e)
-			a.persistOrLog()
+			a.logStateErr(ev.ContainerID, a.removePod(ev.ContainerID))
 			a.log.Error("pod refused: the datapath maps did not take it; the plugin fails its ADD and the runtime retries",
 				zap.String("container_id", ev.ContainerID), zap.String("pod", podName(ev)), zap.Error(err))
 			return api.PodResponse{}, withStatus(http.StatusInternalServerError,
@@ -160,9 +161,9 @@ func (a *Agent) Del(ev api.PodEvent) (api.PodResponse, error) {
 		return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("DEL: %w", err))
 	}
 	a.crashAt(faultDelAfterMaps)
-	// A failed write here is harmless: the stale record names a netns that
-	// is about to go, and Restore drops such records.
-	a.persistOrLog()
+	// A failed removal here is harmless: the stale record names a netns
+	// that is about to go, and Restore drops such records.
+	a.logStateErr(ev.ContainerID, a.removePod(ev.ContainerID))
 	a.crashAt(faultDelAfterState)
 	rec := e.rec
 	rec.State = api.StateDeleted
@@ -174,9 +175,9 @@ func (a *Agent) Del(ev api.PodEvent) (api.PodResponse, error) {
 // cleanUnheld removes map entries a DEL'd container may have left behind
 // although the agent does not hold it: an agent of an earlier version,
 // which wrote the maps before the state file, was killed between the two,
-// or the state file was lost. Only the netns cookie, while the netns still
-// exists, and addresses no held pod uses are deleted, so a live pod is
-// never touched.
+// or the pod's state file was lost. Only the netns cookie, while the netns
+// still exists, and addresses no held pod uses are deleted, so a live pod
+// is never touched.
 func (a *Agent) cleanUnheld(ev api.PodEvent) {
 	if ev.Netns == "" {
 		return
@@ -229,7 +230,7 @@ func (a *Agent) GC(valid []api.Attachment) (api.GCResponse, error) {
 }
 
 // collect drops every held pod for which stale says so, one pod lock at a
-// time, persists once, and returns the removed ids sorted.
+// time, removes its state file, and returns the removed ids sorted.
 func (a *Agent) collect(kind, why string, stale func(*entry) (bool, error)) ([]string, []error) {
 	removed := []string{}
 	var errs []error
@@ -249,6 +250,7 @@ func (a *Agent) collect(kind, why string, stale func(*entry) (bool, error)) ([]s
 		if err == nil && gone {
 			err = a.drop(e)
 			if err == nil {
+				a.logStateErr(id, a.removePod(id))
 				removed = append(removed, id)
 				rec := e.rec
 				rec.Reason = why
@@ -259,9 +261,6 @@ func (a *Agent) collect(kind, why string, stale func(*entry) (bool, error)) ([]s
 		if err != nil {
 			errs = append(errs, err)
 		}
-	}
-	if len(removed) > 0 {
-		a.persistOrLog()
 	}
 	slices.Sort(removed)
 	return removed, errs

@@ -120,7 +120,7 @@ func (a *Agent) promote(ctx context.Context, e *entry, d mesh.Decision) bool {
 	})
 	e.stopWatch()
 	e.stopWatch = nil
-	a.persistOrLog()
+	a.logStateErr(id, a.savePod(e.rec))
 	a.logPod(EventMeshed, "pod meshed", e.rec, start)
 	return true
 }

@@ -156,10 +156,10 @@ func (n *node) teardown() error {
 	return err
 }
 
-// mountTmpfs makes dir and mounts a tmpfs on it. The agent's state file,
-// rewritten and fsynced at every ADD and DEL, lives in /var/run on a real
-// node, which is a tmpfs there; here /tmp may be a disk, and its fsyncs
-// would be counted against meshlane.
+// mountTmpfs makes dir and mounts a tmpfs on it. The agent's state files,
+// one per pod, written and fsynced at every ADD and removed at every DEL,
+// live in /var/run on a real node, which is a tmpfs there; here /tmp may
+// be a disk, and its fsyncs would be counted against meshlane.
 func mountTmpfs(dir string) (string, error) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		return "", fmt.Errorf("tmpfs mount point: %w", err)

@@ -6,6 +6,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -353,6 +354,86 @@ func TestAgentRestartBetweenAddAndDel(t *testing.T) {
 				t.Fatalf("after DEL: %v", got)
 			}
 		})
+	}
+}
+
+// TestUpgradeFromLegacyStateFile: an agent started on a node whose older
+// agent kept every pod in one pods.json takes those pods over: they are
+// held, in the maps and redirected, each now has its own state file,
+// pods.json is gone, and DEL still cleans up.
+func TestUpgradeFromLegacyStateFile(t *testing.T) {
+	e := newEnv(t, "1.1.0", "")
+	server := e.add("server", map[string]string{"app": "server"})
+	ready := filepath.Join(testenv.ScratchDir(t), "server.ready")
+	e.start(server, 1000, "server", "--name", "s", "--listen", "0.0.0.0:8080", "--ready", ready)
+	e.waitFile(ready)
+	p := e.add("meshed", istio())
+	before := e.pinnedEntries()
+	if err := e.node.StopAgent(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+
+	// Turn the pod files into what the older agent left: the same
+	// records in one {"version": 1, "pods": [...]} file, no pods/.
+	podsDir := filepath.Join(e.node.State, "pods")
+	files, err := filepath.Glob(filepath.Join(podsDir, "*.json"))
+	if err != nil || len(files) != 2 {
+		t.Fatalf("pod state files %v (%v), want 2", files, err)
+	}
+	var recs []json.RawMessage
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc struct {
+			Pod json.RawMessage `json:"pod"`
+		}
+		if err := json.Unmarshal(data, &doc); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		recs = append(recs, doc.Pod)
+	}
+	legacy, err := json.Marshal(map[string]any{"version": 1, "pods": recs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacyPath := filepath.Join(e.node.State, "pods.json")
+	if err := os.WriteFile(legacyPath, legacy, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(podsDir); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := e.node.StartAgent(); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(e)
+	held := heldPods(e)
+	if !holds(held, p.ContainerID) || !holds(held, server.ContainerID) {
+		t.Fatalf("after the upgrade the agent holds %v, want %s and %s", held, p.ContainerID, server.ContainerID)
+	}
+	if got := e.pinnedEntries(); !sameCounts(got, before) {
+		t.Fatalf("after the upgrade the maps hold %v, want %v", got, before)
+	}
+	redirected(e, p, fmt.Sprintf("%s:8080", server.IPv4))
+	if _, err := os.Stat(legacyPath); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("pods.json after the upgrade: %v, want it removed", err)
+	}
+	for _, id := range []string{p.ContainerID, server.ContainerID} {
+		if _, err := os.Stat(filepath.Join(podsDir, id+".json")); err != nil {
+			t.Fatalf("state file of %s after the upgrade: %v", id, err)
+		}
+	}
+	if err := e.node.DelPod(context.Background(), p); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.pinnedEntries(); got["meshlane_pods"] != 0 || got["meshlane_podips"] != 0 {
+		t.Fatalf("after DEL: %v", got)
+	}
+	if _, err := os.Stat(filepath.Join(podsDir, p.ContainerID+".json")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("state file of the deleted pod: %v, want it removed", err)
 	}
 }
 

@@ -282,10 +282,10 @@ func TestCrashAtEveryStep(t *testing.T) {
 						t.Fatalf("the agent died before writing anything, yet holds %s", p.ContainerID)
 					}
 				default:
-					// The state file listed the pod: the restarted agent
+					// The pod's state file was written: the restarted agent
 					// holds it and has it in the maps.
 					if !held {
-						t.Fatalf("the restarted agent does not hold %s although its state file listed it", p.ContainerID)
+						t.Fatalf("the restarted agent does not hold %s although its state file was written", p.ContainerID)
 					}
 					redirected(e, p, to)
 				}
