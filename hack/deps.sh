@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages meshlane builds and tests with: clang and
 # libbpf headers (make generate), iproute2 and iptables (tests, demo, bench),
-# wrk (the load generator of make bench).
+# wrk (the load generator of make bench), a C compiler and libc headers (the
+# C sidecar of make bench; gcc only recommends libc6-dev, hence both).
 set -euo pipefail
 need=()
 command -v clang >/dev/null || need+=(clang llvm)
@@ -10,6 +11,8 @@ command -v clang >/dev/null || need+=(clang llvm)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
 command -v wrk >/dev/null || need+=(wrk)
+command -v cc >/dev/null || need+=(gcc)
+[ -f /usr/include/stdio.h ] || need+=(libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq

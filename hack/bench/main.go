@@ -47,6 +47,8 @@ type config struct {
 	CloseConns  int   `json:"closeConns"`
 	// Kinds are the workload kinds to run (all by default).
 	Kinds []string `json:"kinds"`
+	// Sidecar is the sidecar in pods A and B: sidecarC or sidecarGo.
+	Sidecar string `json:"sidecar"`
 	// Pods is how many pods the control workload adds and deletes.
 	Pods      int    `json:"pods"`
 	BulkBytes int    `json:"bulkBytes"`
@@ -74,6 +76,11 @@ func (c config) workloads() []workload {
 }
 
 var allKinds = []string{kindKeepalive, kindClose, kindBulk, kindConnect, kindControl}
+
+// needsSidecars reports whether a data-path mode of the run has sidecars.
+func (c config) needsSidecars() bool {
+	return len(c.workloads()) > 0 && slices.ContainsFunc(c.Modes, hasSidecars)
+}
 
 // maxPods bounds --pods: a Linux bridge takes 1024 ports, and the pods'
 // IPv4 subnet is widened from a /24 for them (see podSubnets).
@@ -157,6 +164,7 @@ func parseFlags(args []string) (config, error) {
 	remote := fs.String("remote-conns", "1,8,64", "keep-alive connection counts, pod A to pod R")
 	closeConns := fs.Int("close-conns", 8, "connections of the new-connection-per-request workload")
 	bulk := fs.Int("bulk-bytes", 4<<20, "response body size of the bulk workload")
+	sidecar := fs.String("sidecar", sidecarC, "sidecar in pods A and B: c (the C epoll one, lighter) or go (podbin sidecar)")
 	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
 	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")
 	rerender := fs.String("rerender", "", "measure nothing: rewrite results.md and the charts in this earlier run's directory from its results.json")
@@ -167,7 +175,7 @@ func parseFlags(args []string) (config, error) {
 		return config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg := config{Rounds: *rounds, Duration: *dur, Warmup: *warmup, Quick: *quick, CloseConns: *closeConns,
-		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods}
+		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if cfg.Quick {
@@ -214,6 +222,8 @@ func parseFlags(args []string) (config, error) {
 		return cfg, fmt.Errorf("--bulk-bytes %d: want 1 to 1 GiB", cfg.BulkBytes)
 	case cfg.Threads < 1:
 		return cfg, fmt.Errorf("--wrk-threads %d: want at least 1", cfg.Threads)
+	case sidecarNames[cfg.Sidecar] == "":
+		return cfg, fmt.Errorf("--sidecar %q: want %s or %s", cfg.Sidecar, sidecarC, sidecarGo)
 	case cfg.Pods < 1 || cfg.Pods > maxPods:
 		return cfg, fmt.Errorf("--pods %d: want 1 to %d", cfg.Pods, maxPods)
 	}
@@ -284,6 +294,11 @@ func preflight(cfg config) error {
 	if _, err := exec.LookPath("wrk"); err != nil {
 		return errors.New("wrk not found: install it with `make deps` (Debian package wrk)")
 	}
+	if cfg.Sidecar == sidecarC && cfg.needsSidecars() {
+		if _, err := cCompiler(); err != nil {
+			return err
+		}
+	}
 	if slices.Contains(cfg.Modes, modeIptables) {
 		if _, err := exec.LookPath("iptables-restore"); err != nil {
 			return errors.New("iptables-restore not found: install it with `make deps` (Debian package iptables)")
@@ -297,7 +312,7 @@ func run(cfg config) error {
 		return err
 	}
 	rep := &Report{Started: time.Now().UTC(), Command: os.Args, Config: cfg, LoadAvgStart: loadAvg(),
-		Machine: describeMachine(), Sidecar: sidecarName, LoadGen: loadGenName}
+		Machine: describeMachine(), Sidecar: sidecarNames[cfg.Sidecar], LoadGen: loadGenName}
 	dir := filepath.Join(cfg.Out, "bench-"+rep.Started.Format("20060102-150405"))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("results directory: %w", err)

@@ -40,7 +40,8 @@ type node struct {
 	bpffs   string
 	br      *testenv.Bridge
 	podbin  string
-	probe   string // a copy of this binary that the app uid may run
+	sidecar []string // the command of pods A and B's sidecars, less --ready
+	probe   string   // a copy of this binary that the app uid may run
 	scratch string
 	logs    string
 	undo    cleanups
@@ -116,6 +117,16 @@ func (n *node) setupDataPath() (err error) {
 	if n.podbin, err = buildPodbin(n.scratch); err != nil {
 		return err
 	}
+	// Neither sidecar splices: io.Copy's splice is a known hazard on
+	// sockets fed by sk_msg, hence the Go one's --copy buffer.
+	n.sidecar = []string{n.podbin, "sidecar", "--copy", "buffer"}
+	if n.cfg.Sidecar == sidecarC && n.cfg.needsSidecars() {
+		bin, err := buildCSidecar(csidecarSource, n.scratch)
+		if err != nil {
+			return err
+		}
+		n.sidecar = []string{bin}
+	}
 	if n.probe, err = copySelf(n.scratch); err != nil {
 		return err
 	}
@@ -189,6 +200,41 @@ func buildPodbin(dir string) (string, error) {
 	}
 	if err := os.Chmod(out, 0o755); err != nil {
 		return "", fmt.Errorf("podbin: %w", err)
+	}
+	return out, nil
+}
+
+// csidecarSource is the C sidecar's source, from the repository root.
+const csidecarSource = "hack/bench/csidecar/sidecar.c"
+
+// cCompiler finds the compiler the C sidecar is built with: $CC, else cc.
+func cCompiler() (string, error) {
+	cc := os.Getenv("CC")
+	if cc == "" {
+		cc = "cc"
+	}
+	if _, err := exec.LookPath(cc); err != nil {
+		return "", fmt.Errorf("no C compiler for the C sidecar (%w): install one with `make deps` (Debian package gcc), or run with --sidecar go", err)
+	}
+	return cc, nil
+}
+
+// buildCSidecar compiles the C sidecar at src into dir, world-executable
+// like podbin: pods run it as the proxy uid.
+func buildCSidecar(src, dir string) (string, error) {
+	cc, err := cCompiler()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, "meshlane-csidecar")
+	cmd := exec.Command(cc, "-std=c11", "-O2", "-Wall", "-Werror", "-o", out, src)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%s %s: %w\n%s", cc, src, err, stderr.Bytes())
+	}
+	if err := os.Chmod(out, 0o755); err != nil {
+		return "", fmt.Errorf("C sidecar: %w", err)
 	}
 	return out, nil
 }

@@ -11,11 +11,20 @@ import (
 	"time"
 )
 
-// Names the report gives the two programs it measures with.
+// The sidecars --sidecar chooses from.
 const (
-	sidecarName = "meshlane test sidecar (L4, Go): `podbin sidecar --copy buffer`, an Envoy-like L4 proxy that reads SO_ORIGINAL_DST and relays; Envoy itself is not installable here"
-	loadGenName = "wrk, run in pod A's network namespace as uid 1000 inside the bench cgroup"
+	sidecarC  = "c"
+	sidecarGo = "go"
 )
+
+// Names the report gives the programs it measures with: each sidecar, and
+// the load generator.
+var sidecarNames = map[string]string{
+	sidecarC:  "meshlane test sidecar (L4, C, epoll): `hack/bench/csidecar`, an Envoy-like L4 proxy that reads SO_ORIGINAL_DST and relays with read/write on one thread; Envoy itself is not installable here",
+	sidecarGo: "meshlane test sidecar (L4, Go): `podbin sidecar --copy buffer`, an Envoy-like L4 proxy that reads SO_ORIGINAL_DST and relays; Envoy itself is not installable here",
+}
+
+const loadGenName = "wrk, run in pod A's network namespace as uid 1000 inside the bench cgroup"
 
 // Report is results.json.
 type Report struct {
@@ -138,7 +147,7 @@ func (rep *Report) markdown(chartFiles []string) string {
 // set-up, the tables, the connect tax, the counters and the charts.
 func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
 	p := func(format string, args ...any) { fmt.Fprintf(b, format+"\n", args...) }
-	p("- sidecar: %s", sidecarName)
+	p("- sidecar: %s", rep.Sidecar)
 	p("- load generator: %s", loadGenName)
 	if tool := rep.iptablesTool(); tool != "" {
 		p("- iptables mode: Istio-style nat rules (IPv4) loaded with `%s` in pods A and B", tool)

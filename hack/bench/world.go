@@ -140,10 +140,7 @@ func (n *node) newWorld(ctx context.Context, round int, mode string) (_ *world, 
 			name  string
 			group string
 		}{{w.a, "a-sidecar", groupSidecarA}, {w.b, "b-sidecar", groupSidecarB}} {
-			// The default --copy buffer: io.Copy's splice is a known
-			// hazard on sockets fed by sk_msg.
-			err := w.startReady(ctx, sc.pod, tag+"-"+sc.name, prof.ProxyUID, n.groups[sc.group],
-				n.podbin, "sidecar", "--copy", "buffer")
+			err := w.startReady(ctx, sc.pod, tag+"-"+sc.name, prof.ProxyUID, n.groups[sc.group], n.sidecar...)
 			if err != nil {
 				return nil, err
 			}
@@ -177,9 +174,9 @@ func meshPod(dp *datapath.Datapath, p *testenv.Pod) error {
 	return nil
 }
 
-// startReady starts a podbin command that takes --ready in pod as uid, in
-// group, logging to the run's log directory, and waits until it listens.
-// The world's cleanup kills it.
+// startReady starts a command that takes --ready (podbin's or the C
+// sidecar) in pod as uid, in group, logging to the run's log directory, and
+// waits until it listens. The world's cleanup kills it.
 func (w *world) startReady(ctx context.Context, pod *testenv.Pod, name string, uid uint32, group *testenv.Cgroup, args ...string) error {
 	ready := filepath.Join(w.n.scratch, name+".ready")
 	args = append(args, "--ready", ready)
