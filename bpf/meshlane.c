@@ -911,6 +911,11 @@ static __always_inline void adopt_origdst(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	t.netns = bpf_get_netns_cookie(skops);
+	/* Redirected connections only ever go to sidecars, which live in
+	 * meshed pods: one small lookup spares every other accepted socket of
+	 * the node the two tuple-keyed ones below. */
+	if (!bpf_map_lookup_elem(&meshlane_pods, &t.netns))
+		return;
 	skops_remote(skops, &t.src);
 	skops_local(skops, &t.dst);
 	t.src_port = port_from_net32(skops->remote_port);

@@ -140,7 +140,8 @@ func (n *node) startControl(round int, mode string) (_ *controlRun, err error) {
 	// The bridge plugin creates the bridge at the first ADD.
 	bridge := testenv.LinkName()
 	c.undo.add("delete bridge "+bridge, func() error { return testenv.DeleteLink(bridge) })
-	opts := cninode.Options{Bin: n.cniBin, Dir: dir, Bridge: bridge, Subnet4: v4, Subnet6: v6, Unchained: mode == modePrimary}
+	opts := cninode.Options{Bin: n.cniBin, Dir: dir, Bridge: bridge, Subnet4: v4, Subnet6: v6, Unchained: mode == modePrimary,
+		AgentArgs: []string{"--inbound-hooks", n.cfg.Inbound}}
 	if mode == modePrimaryMeshlane {
 		// The agent leaves its pins when it stops (a restart keeps
 		// them); removing them detaches its programs from the cgroup.

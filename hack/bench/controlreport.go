@@ -142,10 +142,10 @@ func (rep *Report) controlSection() string {
 	p("## Control path: CNI ADD and DEL, agent footprint")
 	p("")
 	p("%d pods added one after the other through libcni (AddNetworkList, as containerd calls it), then deleted in the same order (DelNetworkList); creating and removing each pod's network namespace is not timed. "+
-		"`%s`: the conflist of the reference bridge + host-local plugins alone, no agent. `%s`: the same with meshlane-cni chained last and meshlane-agent running (defaults: Istio profile, short-circuit off, log level info). "+
+		"`%s`: the conflist of the reference bridge + host-local plugins alone, no agent. `%s`: the same with meshlane-cni chained last and meshlane-agent running (defaults: Istio profile, short-circuit off, log level info; --inbound-hooks %s: a meshed pod's ADD attaches the tc programs to its eth0). "+
 		"Every other pod is annotated as Istio-injected (`sidecar.istio.io/status`, so the agent meshes it); the rest carry no mesh annotation. "+
 		"Each mode and round gets a fresh node (directory, bridge, agent and pins); the two modes swap order every round.",
-		rep.Config.Pods, modePrimary, modePrimaryMeshlane)
+		rep.Config.Pods, modePrimary, modePrimaryMeshlane, inboundFlag(rep.Config.Inbound))
 	p("")
 	p("Cells: mean (min–max) over the good rounds of each run's percentile (nearest rank over the run's %d calls); \"added by meshlane\" is %s minus %s within each round. "+
 		"Agent memory is VmRSS and VmHWM from /proc/<pid>/status, its CPU time utime+stime from /proc/<pid>/stat.", rep.Config.Pods, modePrimaryMeshlane, modePrimary)
@@ -178,4 +178,13 @@ func statCell(stats map[string]Stat, mode string) string {
 		cell += fmt.Sprintf(" (%s–%s)", fmtValue(s.Min), fmtValue(s.Max))
 	}
 	return cell
+}
+
+// inboundFlag is the --inbound-hooks value a report names; results.json
+// files written before the flag do not say.
+func inboundFlag(v string) string {
+	if v == "" {
+		return "(not recorded)"
+	}
+	return v
 }

@@ -28,6 +28,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/meshlane/meshlane/daemon/datapath"
 )
 
 // settleTime separates one mode's teardown from the next mode's set-up.
@@ -49,6 +51,9 @@ type config struct {
 	Kinds []string `json:"kinds"`
 	// Sidecar is the sidecar in pods A and B: sidecarC or sidecarGo.
 	Sidecar string `json:"sidecar"`
+	// Inbound is how the tc programs attach to meshed pods' interfaces,
+	// in the data-path worlds and for the control path's agent.
+	Inbound string `json:"inboundHooks,omitempty"`
 	// Pods is how many pods the control workload adds and deletes.
 	Pods      int    `json:"pods"`
 	BulkBytes int    `json:"bulkBytes"`
@@ -165,6 +170,7 @@ func parseFlags(args []string) (config, error) {
 	closeConns := fs.Int("close-conns", 8, "connections of the new-connection-per-request workload")
 	bulk := fs.Int("bulk-bytes", 4<<20, "response body size of the bulk workload")
 	sidecar := fs.String("sidecar", sidecarC, "sidecar in pods A and B: c (the C epoll one, lighter) or go (podbin sidecar)")
+	inbound := fs.String("inbound-hooks", "auto", "how meshlane's tc programs attach to meshed pods' interfaces: auto, tcx or tc (meshlane-agent's flag of the same name)")
 	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
 	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")
 	rerender := fs.String("rerender", "", "measure nothing: rewrite results.md and the charts in this earlier run's directory from its results.json")
@@ -175,7 +181,7 @@ func parseFlags(args []string) (config, error) {
 		return config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg := config{Rounds: *rounds, Duration: *dur, Warmup: *warmup, Quick: *quick, CloseConns: *closeConns,
-		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar}
+		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar, Inbound: *inbound}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if cfg.Quick {
@@ -226,6 +232,11 @@ func parseFlags(args []string) (config, error) {
 		return cfg, fmt.Errorf("--sidecar %q: want %s or %s", cfg.Sidecar, sidecarC, sidecarGo)
 	case cfg.Pods < 1 || cfg.Pods > maxPods:
 		return cfg, fmt.Errorf("--pods %d: want 1 to %d", cfg.Pods, maxPods)
+	}
+	switch cfg.Inbound {
+	case "auto", datapath.InboundTCX, datapath.InboundTC:
+	default:
+		return cfg, fmt.Errorf("--inbound-hooks %q: want auto, %s or %s", cfg.Inbound, datapath.InboundTCX, datapath.InboundTC)
 	}
 	return cfg, nil
 }
