@@ -31,6 +31,9 @@ const (
 	KindOutbound = "outbound"
 	KindInbound  = "inbound"
 	KindDNS      = "dns"
+	// KindInboundRemote: a connection from outside the node that the tc
+	// programs sent to the inbound listener.
+	KindInboundRemote = "inbound-remote"
 
 	// SideClient is the connecting socket (the app, or the peer pod's
 	// sidecar for inbound), SideListener the socket the sidecar accepted.
@@ -171,6 +174,7 @@ func (d *Datapath) listenerPorts() (map[listenerKey]uint16, error) {
 	for it.Next(&netns, &pod) {
 		out[listenerKey{netns, uint16(bpf.MeshlaneMlRedirectKindML_REDIRECT_OUTBOUND)}] = pod.OutboundPort
 		out[listenerKey{netns, uint16(bpf.MeshlaneMlRedirectKindML_REDIRECT_INBOUND)}] = pod.InboundPort
+		out[listenerKey{netns, uint16(bpf.MeshlaneMlRedirectKindML_REDIRECT_INBOUND_REMOTE)}] = pod.InboundPort
 		if pod.DnsPort != 0 {
 			out[listenerKey{netns, uint16(bpf.MeshlaneMlRedirectKindML_REDIRECT_DNS)}] = pod.DnsPort
 		}
@@ -198,6 +202,8 @@ func connFromRecord(r bpf.ConnsMlConn, listeners map[listenerKey]uint16) Conn {
 		c.Kind = KindInbound
 	case bpf.MeshlaneMlRedirectKindML_REDIRECT_DNS:
 		c.Kind = KindDNS
+	case bpf.MeshlaneMlRedirectKindML_REDIRECT_INBOUND_REMOTE:
+		c.Kind = KindInboundRemote
 	default:
 		c.Kind = fmt.Sprintf("kind-%d", r.Orig.Kind)
 	}

@@ -3,6 +3,7 @@ package datapath_test
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -106,6 +107,27 @@ func (tp *inboundTopology) check(t *testing.T, fam string) {
 			t.Fatalf("reply %+v, want b", r)
 		}
 		remoteRedirects(t, before, 1)
+	})
+
+	t.Run("the connections view shows a held remote connection", func(t *testing.T) {
+		ready := filepath.Join(testenv.ScratchDir(t), "ready")
+		proc := tp.r.Start(t, testenv.ProcOpts{UID: appUID, GID: appUID, Cgroup: tp.remoteCg,
+			Args: []string{n.bin, "hold", "--to", want, "--conns", "1", "--ready", ready}})
+		defer proc.Kill()
+		if err := testenv.WaitFile(ready, 10*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		conns, err := n.dp.Conns()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range conns {
+			if c.Kind == datapath.KindInboundRemote && c.Side == datapath.SideListener && c.Original.String() == want &&
+				c.Remote.Addr().Unmap() == rIP && c.ListenerNetns == tp.b.NetnsCookie {
+				return
+			}
+		}
+		t.Fatalf("no %s listener socket with original destination %s from %s among %+v", datapath.KindInboundRemote, want, rIP, conns)
 	})
 
 	t.Run("host process outside the cgroup reaches the inbound sidecar", func(t *testing.T) {
