@@ -100,7 +100,7 @@ func run(npods int, profileName string, sockmap bool, requests int, wait bool) e
 		return err
 	}
 	ctl := filepath.Join(work, "bin", "meshlanectl")
-	if out, err := exec.Command("go", "build", "-o", ctl, "./cmd/meshlanectl").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-o", ctl, "github.com/meshlane/meshlane/cmd/meshlanectl").CombinedOutput(); err != nil {
 		return fmt.Errorf("build meshlanectl: %v\n%s", err, out)
 	}
 
@@ -169,7 +169,10 @@ func run(npods int, profileName string, sockmap bool, requests int, wait bool) e
 		events := filepath.Join(scratch, name+".events")
 		sidecarArgs := []string{podbin, "sidecar", "--events", events, "--ready", events + ".ready"}
 		if prof.Name == mesh.Linkerd.Name {
-			sidecarArgs = append(sidecarArgs, "--outbound", "127.0.0.1:4140,[::1]:4140", "--inbound", "0.0.0.0:4143,[::]:4143")
+			// linkerd2-proxy reaches the app from the pod's own address
+			// (nothing puts ::6 on a Linkerd pod's lo).
+			sidecarArgs = append(sidecarArgs, "--outbound", "127.0.0.1:4140,[::1]:4140", "--inbound", "0.0.0.0:4143,[::]:4143",
+				"--passthrough-src", "")
 		}
 		for _, proc := range []testenv.ProcOpts{
 			{UID: prof.ProxyUID, GID: prof.ProxyGID, Cgroup: cg, Args: sidecarArgs},
