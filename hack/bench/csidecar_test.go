@@ -98,8 +98,8 @@ func TestCSidecar(t *testing.T) {
 					t.Fatalf("client to %s through both sidecars: %v, %+v", to, err, res)
 				}
 				r := parseReply(t, res[0].Reply)
-				if r.name != "b" || r.remote.Addr() != c.passthrough || r.local != to {
-					t.Fatalf("server %s reached at %s from %s: want b reached at %s from %s", r.name, r.local, r.remote, to, c.passthrough)
+				if r.Name != "b" || r.Remote.Addr() != c.passthrough || r.Local != to {
+					t.Fatalf("server %s reached at %s from %s: want b reached at %s from %s", r.Name, r.Local, r.Remote, to, c.passthrough)
 				}
 			}
 			counters, err := dp.Counters()
@@ -145,24 +145,10 @@ func TestCSidecar(t *testing.T) {
 	}
 }
 
-// reply is the test server's answer "<name> remote=<ip:port> local=<ip:port>".
-type reply struct {
-	name          string
-	remote, local netip.AddrPort
-}
-
-func parseReply(t *testing.T, s string) reply {
+func parseReply(t *testing.T, s string) wire.Reply {
 	t.Helper()
-	f := strings.Fields(s)
-	if len(f) != 3 || !strings.HasPrefix(f[1], "remote=") || !strings.HasPrefix(f[2], "local=") {
-		t.Fatalf("unexpected server reply %q", s)
-	}
-	r := reply{name: f[0]}
-	var err error
-	if r.remote, err = netip.ParseAddrPort(strings.TrimPrefix(f[1], "remote=")); err != nil {
-		t.Fatal(err)
-	}
-	if r.local, err = netip.ParseAddrPort(strings.TrimPrefix(f[2], "local=")); err != nil {
+	r, err := wire.ParseReply(s)
+	if err != nil {
 		t.Fatal(err)
 	}
 	return r

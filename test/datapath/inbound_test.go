@@ -103,7 +103,7 @@ func (tp *inboundTopology) check(t *testing.T, fam string) {
 		seen, before := len(sidecarEvents(t, tp.sideB)), n.counters()
 		r := parseReply(t, n.client(tp.remote(), want)[0].Reply)
 		oneInbound(t, seen)
-		if r.name != "b" {
+		if r.Name != "b" {
 			t.Fatalf("reply %+v, want b", r)
 		}
 		remoteRedirects(t, before, 1)
@@ -170,8 +170,8 @@ func (tp *inboundTopology) check(t *testing.T, fam string) {
 				seen, before := len(sidecarEvents(t, tp.sideB)), n.counters()
 				to := hostPort(bIP, port)
 				r := parseReply(t, n.client(c.from, to)[0].Reply)
-				if r.remote.Addr() != c.ip || r.local.String() != to {
-					t.Fatalf("server saw remote %s local %s, want a direct connection from %s to %s", r.remote, r.local, c.ip, to)
+				if r.Remote.Addr() != c.ip || r.Local.String() != to {
+					t.Fatalf("server saw remote %s local %s, want a direct connection from %s to %s", r.Remote, r.Local, c.ip, to)
 				}
 				if ev := newEvents(t, tp.sideB, seen); len(ev) != 0 {
 					t.Fatalf("sidecar B saw %+v", ev)
@@ -259,8 +259,8 @@ func TestUninstallRemovesInboundHooks(t *testing.T) {
 			}
 			seen = len(sidecarEvents(t, tp.sideB))
 			r := parseReply(t, n.client(tp.remote(), to)[0].Reply)
-			if r.remote.Addr() != tp.r.IPv4 || r.local.String() != to {
-				t.Fatalf("after uninstall the app saw remote %s local %s, want a direct connection from %s", r.remote, r.local, tp.r.IPv4)
+			if r.Remote.Addr() != tp.r.IPv4 || r.Local.String() != to {
+				t.Fatalf("after uninstall the app saw remote %s local %s, want a direct connection from %s", r.Remote, r.Local, tp.r.IPv4)
 			}
 			if ev := newEvents(t, tp.sideB, seen); len(ev) != 0 {
 				t.Fatalf("after uninstall sidecar B saw %+v", ev)

@@ -266,28 +266,12 @@ func readResults(t *testing.T, path string) []wire.ClientResult {
 	return res
 }
 
-// reply parses the server's answer "<name> remote=<ip:port> local=<ip:port>".
-type reply struct {
-	name          string
-	remote, local netip.AddrPort
-}
-
-func parseReply(t *testing.T, s string) reply {
+func parseReply(t *testing.T, s string) wire.Reply {
 	t.Helper()
-	f := strings.Fields(s)
-	if len(f) != 3 || !strings.HasPrefix(f[1], "remote=") || !strings.HasPrefix(f[2], "local=") {
-		t.Fatalf("unexpected server reply %q", s)
-	}
-	r := reply{name: f[0]}
-	var err error
-	if r.remote, err = netip.ParseAddrPort(strings.TrimPrefix(f[1], "remote=")); err != nil {
+	r, err := wire.ParseReply(s)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if r.local, err = netip.ParseAddrPort(strings.TrimPrefix(f[2], "local=")); err != nil {
-		t.Fatal(err)
-	}
-	r.remote = netip.AddrPortFrom(r.remote.Addr().Unmap(), r.remote.Port())
-	r.local = netip.AddrPortFrom(r.local.Addr().Unmap(), r.local.Port())
 	return r
 }
 

@@ -97,7 +97,7 @@ func (tp *topology) checkAll(t *testing.T, fam string) {
 		if len(ev) != 1 || ev[0].Listener != wire.ListenerOutbound || ev[0].OrigDst != hostPort(cIP, appPort) {
 			t.Fatalf("sidecar A events %+v, want one outbound with origDst %s", ev, hostPort(cIP, appPort))
 		}
-		if r.name != "c" || r.remote.Addr() != aIP {
+		if r.Name != "c" || r.Remote.Addr() != aIP {
 			t.Fatalf("server saw %+v, want c reached from A's pod IP %s (the sidecar's upstream)", r, aIP)
 		}
 	})
@@ -119,7 +119,7 @@ func (tp *topology) checkAll(t *testing.T, fam string) {
 		if fam == "v6" {
 			pt = tp.passthrough6
 		}
-		if r.name != "b" || r.remote.Addr() != pt {
+		if r.Name != "b" || r.Remote.Addr() != pt {
 			t.Fatalf("server saw %+v, want b reached from the passthrough address %s", r, pt)
 		}
 	})
@@ -131,7 +131,7 @@ func (tp *topology) checkAll(t *testing.T, fam string) {
 		if len(evB) != 1 || evB[0].Listener != wire.ListenerInbound || evB[0].OrigDst != hostPort(bIP, appPort) {
 			t.Fatalf("sidecar B events %+v, want one inbound with origDst %s", evB, hostPort(bIP, appPort))
 		}
-		if r.name != "b" {
+		if r.Name != "b" {
 			t.Fatalf("reply %+v", r)
 		}
 	})
@@ -155,7 +155,7 @@ func (tp *topology) checkAll(t *testing.T, fam string) {
 			if len(ev) != 1 || ev[0].Listener != wire.ListenerOutbound || ev[0].OrigDst != hostPort(cIP, appPort) {
 				t.Fatalf("sidecar A events %+v, want one outbound with origDst %s", ev, hostPort(cIP, appPort))
 			}
-			if r.name != "c" || r.remote.Addr() != aIP {
+			if r.Name != "c" || r.Remote.Addr() != aIP {
 				t.Fatalf("server saw %+v", r)
 			}
 		})
@@ -189,8 +189,8 @@ func (tp *topology) checkAll(t *testing.T, fam string) {
 		t.Run("untouched: "+c.name, func(t *testing.T) {
 			seenA, seenB := len(sidecarEvents(t, tp.sidecarA)), len(sidecarEvents(t, tp.sideB))
 			r := parseReply(t, n.client(c.from, c.to)[0].Reply)
-			if r.remote.Addr() != c.remote || r.local.String() != c.to {
-				t.Fatalf("server saw remote %s local %s, want a direct connection from %s to %s", r.remote, r.local, c.remote, c.to)
+			if r.Remote.Addr() != c.remote || r.Local.String() != c.to {
+				t.Fatalf("server saw remote %s local %s, want a direct connection from %s to %s", r.Remote, r.Local, c.remote, c.to)
 			}
 			if ev := newEvents(t, tp.sidecarA, seenA); len(ev) != 0 {
 				t.Fatalf("sidecar A saw %+v", ev)
@@ -232,7 +232,7 @@ func TestPassthroughFirstConnection(t *testing.T) {
 					continue
 				}
 				r := parseReply(t, res[0].Reply)
-				if r.remote.Addr().String() != src || r.local.Port() != appPort {
+				if r.Remote.Addr().String() != src || r.Local.Port() != appPort {
 					failed.Add(1)
 					t.Errorf("run %d: server saw %+v, want a direct connection from %s", i, r, src)
 				}

@@ -9,7 +9,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"time"
 )
@@ -92,6 +94,35 @@ func ReadClientResults(r io.Reader) ([]ClientResult, error) {
 		res = append(res, c)
 	}
 	return res, sc.Err()
+}
+
+// Reply is the app server's answer to a client: its name and the
+// connection's two ends as the server saw them (IPv4-mapped addresses
+// unmapped).
+type Reply struct {
+	Name          string
+	Remote, Local netip.AddrPort
+}
+
+// ParseReply reads the server's answer "<name> remote=<ip:port> local=<ip:port>".
+func ParseReply(s string) (Reply, error) {
+	f := strings.Fields(s)
+	if len(f) != 3 || !strings.HasPrefix(f[1], "remote=") || !strings.HasPrefix(f[2], "local=") {
+		return Reply{}, fmt.Errorf("unexpected server reply %q", s)
+	}
+	remote, err := netip.ParseAddrPort(strings.TrimPrefix(f[1], "remote="))
+	if err != nil {
+		return Reply{}, fmt.Errorf("server reply %q: %w", s, err)
+	}
+	local, err := netip.ParseAddrPort(strings.TrimPrefix(f[2], "local="))
+	if err != nil {
+		return Reply{}, fmt.Errorf("server reply %q: %w", s, err)
+	}
+	return Reply{
+		Name:   f[0],
+		Remote: netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port()),
+		Local:  netip.AddrPortFrom(local.Addr().Unmap(), local.Port()),
+	}, nil
 }
 
 // Writer appends JSON lines to a file. Each line goes out in a single
