@@ -63,10 +63,8 @@ type Datapath struct {
 
 	counterNames []string
 
-	// inbound is the hook mode InboundAuto settled on (tcx until the
-	// kernel refuses it).
-	inboundMu sync.Mutex
-	inbound   string
+	// inbound is the hook mode settled at load: InboundTCX or InboundTC.
+	inbound string
 }
 
 // Link names, also their pin file names.
@@ -164,6 +162,13 @@ func LoadDetached(opts Options) (*Datapath, error) {
 			return nil, fmt.Errorf("datapath: a pinned map under %s has another layout: %w (remove the directory with `meshlane-agent uninstall` or bump LayoutVersion)", opts.mapsDir(), err)
 		}
 		return nil, fmt.Errorf("datapath: load programs: %w", err)
+	}
+	if d.inbound, err = resolveInbound(opts.Inbound, d.objs.MeshlaneTcIngress); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if d.inbound == InboundTC {
+		opts.Logger.Info("inbound hooks: classic tc filters (this kernel has no tcx, or --inbound-hooks tc)")
 	}
 	if err := d.loadWritten(); err != nil {
 		d.Close()

@@ -206,6 +206,10 @@ func TestLoadErrors(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "not a cgroup v2 directory") {
 		t.Fatalf("cgroup on tmpfs: %v", err)
 	}
+	_, err = datapath.Load(datapath.Options{BPFFS: filepath.Join(testenv.BPFFS(t), "meshlane"), CgroupPath: cg.Path, Inbound: "xdp"})
+	if err == nil || !strings.Contains(err.Error(), `unknown inbound hook mode "xdp"`) {
+		t.Fatalf("unknown inbound mode: %v", err)
+	}
 }
 
 // layoutGolden is the digest of every map's key and value types in

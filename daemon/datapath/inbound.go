@@ -74,53 +74,39 @@ func (d *Datapath) attachInbound(p Pod) error {
 	if p.Interface.Name == "" {
 		return nil
 	}
-	mode, err := d.inboundMode()
-	if err != nil {
-		return err
-	}
-	if mode == InboundTC {
+	if d.inbound == InboundTC {
 		return d.attachTC(p)
 	}
-	err = d.attachTCX(p)
-	if errors.Is(err, ebpf.ErrNotSupported) && d.opts.Inbound == InboundAuto {
-		d.setInboundMode(InboundTC)
-		return d.attachTC(p)
-	}
-	return err
+	return d.attachTCX(p)
 }
 
-func (d *Datapath) inboundMode() (string, error) {
-	d.inboundMu.Lock()
-	defer d.inboundMu.Unlock()
-	switch d.opts.Inbound {
-	case InboundAuto:
-		if d.inbound == "" {
-			return InboundTCX, nil
-		}
-		return d.inbound, nil
-	case InboundTCX, InboundTC:
-		return d.opts.Inbound, nil
+// resolveInbound settles the hook mode at load, so that every pod of this
+// datapath, its detach and its check use one mode. A tcx attach to an
+// interface that does not exist tells the two kernels apart: ENODEV where
+// tcx exists, ErrNotSupported where it does not.
+func resolveInbound(mode string, prog *ebpf.Program) (string, error) {
+	switch mode {
+	case InboundAuto, InboundTCX:
+	case InboundTC:
+		return InboundTC, nil
+	default:
+		return "", fmt.Errorf("datapath: unknown inbound hook mode %q: use %q, %q or empty for automatic", mode, InboundTCX, InboundTC)
 	}
-	return "", fmt.Errorf("datapath: unknown inbound hook mode %q: use %q, %q or empty for automatic", d.opts.Inbound, InboundTCX, InboundTC)
-}
-
-func (d *Datapath) setInboundMode(m string) {
-	d.inboundMu.Lock()
-	defer d.inboundMu.Unlock()
-	if d.inbound != m {
-		d.opts.Logger.Info("inbound hooks: this kernel has no tcx; using classic tc filters")
+	l, err := link.AttachTCX(link.TCXOptions{Interface: 1 << 30, Program: prog, Attach: ebpf.AttachTCXIngress})
+	if err == nil {
+		l.Close()
 	}
-	d.inbound = m
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		return InboundTCX, nil
+	}
+	if mode == InboundTCX {
+		return "", fmt.Errorf("datapath: this kernel has no tcx (Linux >= 6.6): start with --inbound-hooks tc or auto")
+	}
+	return InboundTC, nil
 }
 
 // InboundMode is the hook mode in use: tcx or tc.
-func (d *Datapath) InboundMode() string {
-	m, err := d.inboundMode()
-	if err != nil {
-		return d.opts.Inbound
-	}
-	return m
-}
+func (d *Datapath) InboundMode() string { return d.inbound }
 
 func (d *Datapath) attachTCX(p Pod) error {
 	dir := d.opts.inboundDir(p.NetnsCookie)
@@ -288,7 +274,7 @@ func (d *Datapath) detachInbound(p Pod) error {
 	if err != nil {
 		err = fmt.Errorf("datapath: remove the inbound hooks of pod %d: %w", p.NetnsCookie, err)
 	}
-	if p.Interface.Name == "" || d.InboundMode() != InboundTC {
+	if p.Interface.Name == "" || d.inbound != InboundTC {
 		return err
 	}
 	h, l, herr := tcHandle(p.Interface)
@@ -429,7 +415,7 @@ func (d *Datapath) InboundHooks(p Pod) error {
 	if p.Interface.Name == "" {
 		return errors.New("no pod interface recorded: connections from other nodes are not redirected")
 	}
-	if d.InboundMode() == InboundTC {
+	if d.inbound == InboundTC {
 		return d.tcFiltersPresent(p)
 	}
 	for _, h := range d.hooks() {

@@ -89,10 +89,13 @@ func (d *Datapath) Info() Info {
 		}
 		info.Features = append(info.Features, f)
 	}
-	info.Features = append(info.Features, Feature{
-		Name: "tcx links for the inbound tc programs (Linux >= 6.6)", Available: info.Inbound == InboundTCX,
-		Detail: "without them classic tc filters carry the same programs; they cannot be pinned, and uninstall finds them by walking the network namespaces",
-	})
+	tcx := Feature{Name: "tcx links for the inbound tc programs (Linux >= 6.6)", Available: true,
+		Detail: "in use: pinned per pod under " + inboundRoot(d.opts.BPFFS)}
+	if info.Inbound != InboundTCX {
+		tcx.Available = false
+		tcx.Detail = "not in use (no tcx on this kernel, or --inbound-hooks tc): classic clsact filters carry the same programs; uninstall finds them by walking the network namespaces"
+	}
+	info.Features = append(info.Features, tcx)
 	f := Feature{Name: "connections view (socket storage iterator, Linux >= 5.9 with BTF)", Available: true, Detail: "meshlanectl conns works"}
 	if err := connsSupported(); err != nil {
 		f.Available, f.Detail = false, err.Error()
