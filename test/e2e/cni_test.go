@@ -267,16 +267,22 @@ func hasOrig(ev []wire.SidecarEvent, orig string) bool {
 }
 
 func runIn(e *env, p *cninode.Pod, uid uint32, args ...string) ([]byte, error) {
+	return runInCgroup(e, p, e.cg, uid, 30*time.Second, args...)
+}
+
+// runInCgroup runs podbin in pod p inside cgroup cg as uid, waits up to
+// limit and returns its combined output.
+func runInCgroup(e *env, p *cninode.Pod, cg *testenv.Cgroup, uid uint32, limit time.Duration, args ...string) ([]byte, error) {
 	out, err := os.CreateTemp(e.t.TempDir(), "out-*")
 	if err != nil {
 		return nil, err
 	}
 	defer out.Close()
-	proc, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: uid, GID: uid, Cgroup: e.cg, Stdout: out, Stderr: out, Args: append([]string{e.bin}, args...)})
+	proc, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: uid, GID: uid, Cgroup: cg, Stdout: out, Stderr: out, Args: append([]string{e.bin}, args...)})
 	if err != nil {
 		return nil, err
 	}
-	werr := proc.Wait(30 * time.Second)
+	werr := proc.Wait(limit)
 	b, _ := os.ReadFile(out.Name())
 	return b, werr
 }

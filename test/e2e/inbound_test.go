@@ -22,18 +22,7 @@ import (
 // runRemote runs podbin in pod p inside cgroup cg, which has no program
 // attached: its connections pass no connect hook, as another node's.
 func runRemote(e *env, p *cninode.Pod, cg *testenv.Cgroup, limit time.Duration, args ...string) ([]byte, error) {
-	out, err := os.CreateTemp(e.t.TempDir(), "out-*")
-	if err != nil {
-		return nil, err
-	}
-	defer out.Close()
-	proc, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: 1000, GID: 1000, Cgroup: cg, Stdout: out, Stderr: out, Args: append([]string{e.bin}, args...)})
-	if err != nil {
-		return nil, err
-	}
-	werr := proc.Wait(limit)
-	b, _ := os.ReadFile(out.Name())
-	return b, werr
+	return runInCgroup(e, p, cg, 1000, limit, args...)
 }
 
 func clientResults(t *testing.T, out []byte) []wire.ClientResult {
