@@ -112,7 +112,7 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	// Off by default: the sockmap fast path's default follows the
 	// measurements recorded in docs.
 	fs.BoolVar(&o.sockmap, "sockmap", false, "enable the sockops/sk_msg fast path between local sockets")
-	fs.StringVar(&o.inbound, "inbound-hooks", "auto", "how the programs that send connections from other nodes to the inbound sidecar attach to pod interfaces: auto (tcx where the kernel has it, Linux >= 6.6), tcx, or tc (classic clsact filters)")
+	fs.StringVar(&o.inbound, "inbound-hooks", datapath.InboundAuto, "how the programs that send connections from other nodes to the inbound sidecar attach to pod interfaces: auto (tcx where the kernel has it, Linux >= 6.6), tcx, or tc (classic clsact filters)")
 	fs.DurationVar(&o.gcInterval, "gc-interval", agent.DefaultGCInterval, "period of the check for pods whose network namespace is gone")
 	fs.BoolVar(&o.installCNI, "install-cni", false, "install meshlane-cni into the host's CNI directories and keep it chained (the DaemonSet's mode)")
 	o.cni.register(fs)
@@ -164,7 +164,7 @@ func run(o options, log *zap.Logger) error {
 	// Loaded detached: the pods are restored into the maps before the
 	// programs are swapped in, which matters after an upgrade that changed
 	// a map layout (the new maps start empty).
-	dp, err := datapath.LoadDetached(datapath.Options{BPFFS: o.bpffs, CgroupPath: o.cgroup, Sockmap: o.sockmap, Inbound: inboundMode(o.inbound), Logger: log})
+	dp, err := datapath.LoadDetached(datapath.Options{BPFFS: o.bpffs, CgroupPath: o.cgroup, Sockmap: o.sockmap, Inbound: o.inbound, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -333,13 +333,4 @@ func cgroup2Root(path string) (string, error) {
 		return "", fmt.Errorf("no cgroup2 filesystem in %s: mount cgroup v2 or pass --cgroup", path)
 	}
 	return root, nil
-}
-
-// inboundMode maps the --inbound-hooks value to the datapath's; an unknown
-// value passes through for the datapath to refuse with the valid ones.
-func inboundMode(flag string) string {
-	if flag == "auto" {
-		return datapath.InboundAuto
-	}
-	return flag
 }

@@ -19,8 +19,9 @@ import (
 
 // Inbound hook modes: how the tc programs sit on a pod's interface.
 const (
-	// InboundAuto uses tcx where the kernel has it (6.6) and tc otherwise.
-	InboundAuto = ""
+	// InboundAuto uses tcx where the kernel has it (6.6) and tc otherwise;
+	// an empty mode means the same.
+	InboundAuto = "auto"
 	// InboundTCX attaches with tcx bpf links, pinned per pod so they
 	// outlive the agent and take new programs in place.
 	InboundTCX = "tcx"
@@ -86,11 +87,11 @@ func (d *Datapath) attachInbound(p Pod) error {
 // tcx exists, ErrNotSupported where it does not.
 func resolveInbound(mode string, prog *ebpf.Program) (string, error) {
 	switch mode {
-	case InboundAuto, InboundTCX:
+	case "", InboundAuto, InboundTCX:
 	case InboundTC:
 		return InboundTC, nil
 	default:
-		return "", fmt.Errorf("datapath: unknown inbound hook mode %q: use %q, %q or empty for automatic", mode, InboundTCX, InboundTC)
+		return "", fmt.Errorf("datapath: unknown inbound hook mode %q: use %q, %q or %q", mode, InboundAuto, InboundTCX, InboundTC)
 	}
 	l, err := link.AttachTCX(link.TCXOptions{Interface: 1 << 30, Program: prog, Attach: ebpf.AttachTCXIngress})
 	if err == nil {

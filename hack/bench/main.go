@@ -170,7 +170,7 @@ func parseFlags(args []string) (config, error) {
 	closeConns := fs.Int("close-conns", 8, "connections of the new-connection-per-request workload")
 	bulk := fs.Int("bulk-bytes", 4<<20, "response body size of the bulk workload")
 	sidecar := fs.String("sidecar", sidecarC, "sidecar in pods A and B: c (the C epoll one, lighter) or go (podbin sidecar)")
-	inbound := fs.String("inbound-hooks", "auto", "how meshlane's tc programs attach to meshed pods' interfaces: auto, tcx or tc (meshlane-agent's flag of the same name)")
+	inbound := fs.String("inbound-hooks", datapath.InboundAuto, "how meshlane's tc programs attach to meshed pods' interfaces: auto, tcx or tc (meshlane-agent's flag of the same name)")
 	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
 	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")
 	rerender := fs.String("rerender", "", "measure nothing: rewrite results.md and the charts in this earlier run's directory from its results.json")
@@ -234,7 +234,7 @@ func parseFlags(args []string) (config, error) {
 		return cfg, fmt.Errorf("--pods %d: want 1 to %d", cfg.Pods, maxPods)
 	}
 	switch cfg.Inbound {
-	case "auto", datapath.InboundTCX, datapath.InboundTC:
+	case datapath.InboundAuto, datapath.InboundTCX, datapath.InboundTC:
 	default:
 		return cfg, fmt.Errorf("--inbound-hooks %q: want auto, %s or %s", cfg.Inbound, datapath.InboundTCX, datapath.InboundTC)
 	}

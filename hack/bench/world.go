@@ -97,7 +97,7 @@ func (n *node) newWorld(ctx context.Context, round int, mode string) (_ *world, 
 			BPFFS:      filepath.Join(n.bpffs, "meshlane"),
 			CgroupPath: n.cg.Path,
 			Sockmap:    mode == modeSockmap,
-			Inbound:    inboundMode(n.cfg.Inbound),
+			Inbound:    n.cfg.Inbound,
 		})
 		if err != nil {
 			return nil, err
@@ -278,11 +278,3 @@ func removeIfExists(path string) error {
 // close tears the world down: processes, datapath, then the pods (their
 // network namespaces take any iptables rules with them).
 func (w *world) close() error { return w.undo.run() }
-
-// inboundMode maps the --inbound-hooks value to the datapath's.
-func inboundMode(flag string) string {
-	if flag == "auto" {
-		return datapath.InboundAuto
-	}
-	return flag
-}
