@@ -791,6 +791,19 @@ static __always_inline void skops_remote(struct bpf_sock_ops *skops,
 	CTX_ADDR(a, skops->family == AF_INET, skops, remote_ip4, remote_ip6);
 }
 
+/* The meshlane_origdst key of a redirected connection, from its client
+ * socket. */
+static __always_inline void client_tuple(struct bpf_sock_ops *skops,
+					 const struct ml_origdst *o,
+					 struct ml_tuple *t)
+{
+	t->netns = o->listener_netns;
+	skops_local(skops, &t->src);
+	skops_remote(skops, &t->dst);
+	t->src_port = (__u16)skops->local_port;
+	t->dst_port = port_from_net32(skops->remote_port);
+}
+
 /* Client side of a redirected connection, source port now chosen: publish
  * the original destination under the connection's tuple for the listener's
  * getsockopt, and ask for state callbacks so it is removed on close. */
@@ -805,12 +818,7 @@ static __always_inline void publish_origdst(struct bpf_sock_ops *skops)
 	o = bpf_sk_storage_get(&meshlane_sks, sk, 0, 0);
 	if (!o)
 		return;
-	t.netns = o->listener_netns;
-	skops_local(skops, &t.src);
-	skops_remote(skops, &t.dst);
-	t.src_port = (__u16)skops->local_port;
-	t.dst_port = port_from_net32(skops->remote_port);
-
+	client_tuple(skops, o, &t);
 	if (bpf_map_update_elem(&meshlane_origdst, &t, o, BPF_ANY)) {
 		count(ML_CNT_ORIGDST_RECORD_FAILED);
 		return;
@@ -858,11 +866,7 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 
 	struct ml_tuple t = {};
 
-	t.netns = o->listener_netns;
-	skops_local(skops, &t.src);
-	skops_remote(skops, &t.dst);
-	t.src_port = (__u16)skops->local_port;
-	t.dst_port = port_from_net32(skops->remote_port);
+	client_tuple(skops, o, &t);
 	bpf_map_delete_elem(&meshlane_origdst, &t);
 }
 
