@@ -291,19 +291,29 @@ func (d *Datapath) detachInbound(p Pod) error {
 // remove, and a filter left behind would keep its programs, and with them
 // the unpinned maps, rewriting connections that no sockops adopts any more.
 func (d *Datapath) removeLegacyInbound() error {
-	info, err := d.objs.MeshlaneFlows.Info()
+	return removeTCFiltersUsing(d.objs.MeshlaneFlows)
+}
+
+// mapID is the kernel's id of meshlane_flows, by which meshlane's classic
+// tc filters are told from another datapath's.
+func mapID(flows *ebpf.Map) (ebpf.MapID, error) {
+	info, err := flows.Info()
 	if err != nil {
-		return fmt.Errorf("datapath: read meshlane_flows info: %w", err)
+		return 0, fmt.Errorf("datapath: read meshlane_flows info: %w", err)
 	}
 	id, _ := info.ID()
-	return removeTCFiltersUsing(id)
+	return id, nil
 }
 
 // removeTCFiltersUsing deletes meshlane's classic tc filters whose program
-// uses the map with this id, so another meshlane datapath on the same
+// uses this flows map, so another meshlane datapath on the same
 // kernel (a test's, another bpffs) keeps its own. Network namespaces are
 // found where runtimes bind-mount them and through every process.
-func removeTCFiltersUsing(flowsID ebpf.MapID) error {
+func removeTCFiltersUsing(flows *ebpf.Map) error {
+	flowsID, err := mapID(flows)
+	if err != nil {
+		return err
+	}
 	var errs []error
 	seen := map[uint64]bool{}
 	paths, _ := filepath.Glob("/run/netns/*")
@@ -380,14 +390,7 @@ func usesMap(progID int, mapID ebpf.MapID) bool {
 // removePinnedLegacyInbound is removeLegacyInbound for a datapath that is
 // only pinned, found by its pinned flows map.
 func removePinnedLegacyInbound(bpffs string) error {
-	return eachPinnedMap(bpffs, "meshlane_flows", func(m *ebpf.Map) error {
-		info, err := m.Info()
-		if err != nil {
-			return fmt.Errorf("datapath: read meshlane_flows info: %w", err)
-		}
-		id, _ := info.ID()
-		return removeTCFiltersUsing(id)
-	})
+	return eachPinnedMap(bpffs, "meshlane_flows", removeTCFiltersUsing)
 }
 
 // eachPinnedMap runs fn on the pinned map of this name of every layout.
@@ -438,11 +441,10 @@ func (d *Datapath) InboundHooks(p Pod) error {
 }
 
 func (d *Datapath) tcFiltersPresent(p Pod) error {
-	info, err := d.objs.MeshlaneFlows.Info()
+	flowsID, err := mapID(d.objs.MeshlaneFlows)
 	if err != nil {
 		return err
 	}
-	flowsID, _ := info.ID()
 	h, l, err := tcHandle(p.Interface)
 	if err != nil {
 		return err
