@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/meshlane/meshlane/daemon/api"
+	"github.com/meshlane/meshlane/daemon/atomicfile"
 )
 
 // The registry on disk is one small file per pod,
@@ -61,7 +62,7 @@ func makePodsDir(stateDir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create state dir %s: %w", dir, err)
 	}
-	return syncDir(stateDir)
+	return atomicfile.SyncDir(stateDir)
 }
 
 // savePod replaces the pod's state file atomically: temp file, fsync,
@@ -78,28 +79,15 @@ func (a *Agent) savePod(rec PodRecord) error {
 	if err != nil {
 		return fmt.Errorf("encode state of pod %s: %w", rec.Event.ContainerID, err)
 	}
-	dir := a.podsPath()
-	tmp, err := os.CreateTemp(dir, tmpFilePref+"*")
+	final := filepath.Join(a.podsPath(), rec.Event.ContainerID+podFileExt)
+	err = atomicfile.Write(final, tmpFilePref+"*", func(f *os.File) error {
+		_, err := f.Write(data)
+		return err
+	}, nil)
 	if err != nil {
-		return fmt.Errorf("write state file in %s: %w", dir, err)
+		return fmt.Errorf("state file of pod %s: %w", rec.Event.ContainerID, err)
 	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("fsync %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp.Name(), err)
-	}
-	final := filepath.Join(dir, rec.Event.ContainerID+podFileExt)
-	if err := os.Rename(tmp.Name(), final); err != nil {
-		return fmt.Errorf("rename state file into %s: %w", final, err)
-	}
-	return syncDir(dir)
+	return nil
 }
 
 // removePod deletes the pod's state file and makes the removal durable. A
@@ -112,7 +100,7 @@ func (a *Agent) removePod(id string) error {
 		}
 		return fmt.Errorf("remove state file: %w", err)
 	}
-	return syncDir(a.podsPath())
+	return atomicfile.SyncDir(a.podsPath())
 }
 
 // logStateErr logs a state file write or removal that failed where the
@@ -124,18 +112,6 @@ func (a *Agent) logStateErr(id string, err error) {
 		a.log.Error("pod state file not updated; after a restart the agent re-checks the pod as the older file describes it",
 			zap.String("container_id", id), zap.Error(err))
 	}
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open state dir %s for fsync: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync state dir %s: %w", dir, err)
-	}
-	return nil
 }
 
 // readPods reads every pod file of the pods directory. Leftover temp files
@@ -271,7 +247,7 @@ func (a *Agent) migrateLegacy() error {
 	if err := os.Remove(path); err != nil {
 		return fmt.Errorf("migrate: remove %s: %w", path, err)
 	}
-	if err := syncDir(a.stateDir); err != nil {
+	if err := atomicfile.SyncDir(a.stateDir); err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
 	a.log.Info("legacy state file migrated to one file per pod", zap.String("from", path),

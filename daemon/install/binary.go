@@ -9,7 +9,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
+	"github.com/meshlane/meshlane/daemon/atomicfile"
 	"go.uber.org/zap"
 )
 
@@ -49,35 +51,17 @@ func InstallBinary(cfg Config) error {
 		return fmt.Errorf("install: rewind %s: %w", cfg.PluginSrc, err)
 	}
 
-	tmp, err := os.CreateTemp(cfg.BinDir, binTempPattern)
-	if err != nil {
+	err = atomicfile.Write(dst, binTempPattern, func(tmp *os.File) error {
+		if _, err := io.Copy(tmp, src); err != nil {
+			return fmt.Errorf("copy %s: %w", cfg.PluginSrc, err)
+		}
+		// CreateTemp makes the file 0600: the runtime must be able to run it.
+		return tmp.Chmod(0o755)
+	}, nil)
+	if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
 		return fmt.Errorf("install: copy %s into %s: %w (the agent needs write access to the CNI bin directory: check that its hostPath mount is not read-only)", PluginType, cfg.BinDir, err)
 	}
-	done := false
-	defer func() {
-		if !done {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if _, err := io.Copy(tmp, src); err != nil {
-		return fmt.Errorf("install: copy %s to %s: %w", cfg.PluginSrc, tmp.Name(), err)
-	}
-	// CreateTemp makes the file 0600: the runtime must be able to run it.
-	if err := tmp.Chmod(0o755); err != nil {
-		return fmt.Errorf("install: chmod %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("install: fsync %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("install: close %s: %w", tmp.Name(), err)
-	}
-	if err := os.Rename(tmp.Name(), dst); err != nil {
-		return fmt.Errorf("install: rename %s to %s: %w", tmp.Name(), dst, err)
-	}
-	done = true
-	if err := syncDir(cfg.BinDir); err != nil {
+	if err != nil {
 		return fmt.Errorf("install: %w", err)
 	}
 	cfg.Logger.Info("installed the CNI plugin binary", zap.String("file", dst))

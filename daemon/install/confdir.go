@@ -11,6 +11,7 @@ import (
 	"syscall"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/meshlane/meshlane/daemon/atomicfile"
 	"go.uber.org/zap"
 )
 
@@ -228,56 +229,29 @@ func replaceFile(src, path string, expect, data []byte) error {
 	if err != nil {
 		return fmt.Errorf("stat %s: %w", src, err)
 	}
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*"+tempSuffix)
-	if err != nil {
+	err = atomicfile.Write(path, "."+filepath.Base(path)+".*"+tempSuffix, func(tmp *os.File) error {
+		if _, err := tmp.Write(data); err != nil {
+			return err
+		}
+		if err := tmp.Chmod(info.Mode().Perm()); err != nil {
+			return fmt.Errorf("chmod: %w", err)
+		}
+		if st, ok := info.Sys().(*syscall.Stat_t); ok && (int(st.Uid) != os.Geteuid() || int(st.Gid) != os.Getegid()) {
+			if err := tmp.Chown(int(st.Uid), int(st.Gid)); err != nil {
+				return fmt.Errorf("give it the owner of %s: %w", src, err)
+			}
+		}
+		return nil
+	}, func() error {
+		if now, err := os.ReadFile(src); err != nil || !bytes.Equal(now, expect) {
+			return fmt.Errorf("%s: %w", src, errRaced)
+		}
+		return nil
+	})
+	if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
 		return fmt.Errorf("write %s: %w (the agent needs write access to the CNI config directory: check that its hostPath mount is not read-only)", path, err)
 	}
-	done := false
-	defer func() {
-		if !done {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if _, err := tmp.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Chmod(info.Mode().Perm()); err != nil {
-		return fmt.Errorf("chmod %s: %w", tmp.Name(), err)
-	}
-	if st, ok := info.Sys().(*syscall.Stat_t); ok && (int(st.Uid) != os.Geteuid() || int(st.Gid) != os.Getegid()) {
-		if err := tmp.Chown(int(st.Uid), int(st.Gid)); err != nil {
-			return fmt.Errorf("give %s the owner of %s: %w", tmp.Name(), src, err)
-		}
-	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp.Name(), err)
-	}
-	if now, err := os.ReadFile(src); err != nil || !bytes.Equal(now, expect) {
-		return fmt.Errorf("%s: %w", src, errRaced)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("rename %s to %s: %w", tmp.Name(), path, err)
-	}
-	done = true
-	return syncDir(dir)
-}
-
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open %s to fsync it: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
+	return err
 }
 
 // removeStaleTemps deletes temp files an interrupted write left in dir.
