@@ -2,7 +2,6 @@ package plugin
 
 import (
 	"context"
-	"net/http"
 	"time"
 
 	"github.com/meshlane/meshlane/daemon/api"
@@ -49,7 +48,7 @@ func (c *agentClient) relay(rec api.LogRecord) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), min(relayTimeout, c.timeout))
 	defer cancel()
-	_, _ = c.do(ctx, http.MethodPost, api.PathLog, rec)
+	_, _ = c.do(ctx, api.MethodPost, api.PathLog, rec)
 }
 
 func (c *agentClient) do(ctx context.Context, method, path string, in any) ([]byte, error) {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"strings"
 
@@ -62,7 +61,7 @@ func (r *runner) cmdAdd(args *skel.CmdArgs) error {
 	conf, prev, agent, log, ev := c.conf, c.prev, c.agent, c.log, c.ev
 	log.debug("reporting pod to the meshlane agent", "pod", podKey(ev), "ips", strings.Join(ev.IPs, ","), "netns", ev.Netns)
 
-	raw, err := agent.call(http.MethodPost, api.PathAdd, ev)
+	raw, err := agent.call(api.MethodPost, api.PathAdd, ev)
 	if err != nil {
 		if terr := agentFailure(conf, log, ev, "take", err); terr != nil {
 			return terr
@@ -108,7 +107,7 @@ func (r *runner) cmdDel(args *skel.CmdArgs) error {
 	if err != nil {
 		log.warn("reporting pod removal with incomplete pod details", "error", err.Error())
 	}
-	if _, err := agent.call(http.MethodPost, api.PathDel, ev); err != nil {
+	if _, err := agent.call(api.MethodPost, api.PathDel, ev); err != nil {
 		log.warn("meshlane agent did not take the pod removal; it keeps the pod until its own cleanup or the next CNI GC",
 			"pod", podKey(ev), "socket", conf.Socket, "error", err.Error())
 		return nil
@@ -123,7 +122,7 @@ func (r *runner) cmdCheck(args *skel.CmdArgs) error {
 		return err
 	}
 	conf, agent, log, ev := c.conf, c.agent, c.log, c.ev
-	if _, err := agent.call(http.MethodPost, api.PathCheck, ev); err != nil {
+	if _, err := agent.call(api.MethodPost, api.PathCheck, ev); err != nil {
 		return agentFailure(conf, log, ev, "check", err)
 	}
 	log.debug("meshlane agent holds the pod", "pod", podKey(ev))
@@ -140,7 +139,7 @@ func (r *runner) cmdStatus(args *skel.CmdArgs) error {
 	if conf.FailOpen {
 		return nil
 	}
-	if _, err := newAgentClient(conf.Socket, conf.Timeout).call(http.MethodGet, api.PathHealthz, nil); err != nil {
+	if _, err := newAgentClient(conf.Socket, conf.Timeout).call(api.MethodGet, api.PathHealthz, nil); err != nil {
 		return types.NewError(types.ErrPluginNotAvailable,
 			fmt.Sprintf("meshlane-cni: the meshlane agent at %s is not available: %v", conf.Socket, err),
 			`pods cannot start on this node while it is down ("failPolicy": "closed"); `+agentHint)
@@ -160,7 +159,7 @@ func (r *runner) cmdGC(args *skel.CmdArgs) error {
 	for _, a := range conf.Conf.ValidAttachments {
 		req.ValidAttachments = append(req.ValidAttachments, api.Attachment{ContainerID: a.ContainerID, IfName: a.IfName})
 	}
-	raw, err := agent.call(http.MethodPost, api.PathGC, req)
+	raw, err := agent.call(api.MethodPost, api.PathGC, req)
 	if err != nil {
 		code := types.ErrInvalidNetworkConfig
 		if agentDown(err) {
@@ -200,7 +199,7 @@ func requirePrevResult(conf *Config) (types.Result, error) {
 func agentFailure(conf *Config, log *logger, ev api.PodEvent, what string, err error) error {
 	var terr *types.Error
 	switch {
-	case api.StatusOf(err) == http.StatusNotFound && what == "check":
+	case api.StatusOf(err) == api.StatusNotFound && what == "check":
 		terr = types.NewError(types.ErrUnknownContainer,
 			fmt.Sprintf("meshlane-cni: meshlane agent does not hold container %s: %v", ev.ContainerID, err),
 			"the agent lost track of the pod (restarted without its state?); delete the pod so the runtime sets it up again")

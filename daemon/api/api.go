@@ -12,6 +12,17 @@ import (
 // configured otherwise.
 const DefaultSocket = "/var/run/meshlane/meshlane.sock"
 
+// Methods the API uses: net/http's names, for callers that do not link
+// net/http (the plugin; see Client).
+const (
+	MethodGet  = "GET"
+	MethodPost = "POST"
+)
+
+// StatusNotFound is the agent's answer to PathCheck for a pod it does not
+// hold (net/http's value, as above).
+const StatusNotFound = 404
+
 // Paths served on the socket.
 const (
 	PathAdd     = "/v1/cni/add"   // POST PodEvent -> PodResponse
