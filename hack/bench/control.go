@@ -56,6 +56,12 @@ type ControlResult struct {
 	// pod's network namespace is not part of them.
 	AddMs []float64 `json:"addMs"`
 	DelMs []float64 `json:"delMs"`
+	// PluginAddMs and PluginDelMs split each call by plugin: the plugin
+	// process's own time within it, ms, in call order (bridge's includes
+	// the host-local IPAM it runs). meshlane-cni's is what meshlane adds
+	// to the call, measured within the call itself.
+	PluginAddMs map[string][]float64 `json:"pluginAddMs,omitempty"`
+	PluginDelMs map[string][]float64 `json:"pluginDelMs,omitempty"`
 	// Agent is the agent's footprint (primary+meshlane only).
 	Agent *AgentUsage `json:"agent,omitempty"`
 }
@@ -165,7 +171,7 @@ func (n *node) startControl(round int, mode string) (_ *controlRun, err error) {
 // measure adds pods pods, half of them Istio-injected, then deletes them,
 // timing each chain call and reading the agent's footprint.
 func (c *controlRun) measure(ctx context.Context, round int, mode string, pods int) error {
-	c.res = ControlResult{Pods: pods}
+	c.res = ControlResult{Pods: pods, PluginAddMs: map[string][]float64{}, PluginDelMs: map[string][]float64{}}
 	pid := c.node.AgentPid()
 	var cpu0 time.Duration
 	if pid != 0 {
@@ -197,6 +203,9 @@ func (c *controlRun) measure(ctx context.Context, round int, mode string, pods i
 		}
 		c.alive = append(c.alive, p)
 		c.res.AddMs = append(c.res.AddMs, ms(p.AddTook))
+		for plugin, d := range p.AddPlugins {
+			c.res.PluginAddMs[plugin] = append(c.res.PluginAddMs[plugin], ms(d))
+		}
 	}
 	if pid != 0 {
 		mem, err := readProcMem(pid)
@@ -219,6 +228,9 @@ func (c *controlRun) measure(ctx context.Context, round int, mode string, pods i
 			return fmt.Errorf("CNI DEL of pod %s: %w", p.Name, err)
 		}
 		c.res.DelMs = append(c.res.DelMs, ms(p.DelTook))
+		for plugin, d := range p.DelPlugins {
+			c.res.PluginDelMs[plugin] = append(c.res.PluginDelMs[plugin], ms(d))
+		}
 	}
 	if pid != 0 {
 		cpu1, err := readProcCPU(pid)

@@ -160,6 +160,41 @@ func TestControlFigures(t *testing.T) {
 	}
 }
 
+// Each plugin's own time gets its percentiles per run, in the modes whose
+// chain ran it; no difference between modes is made of it.
+func TestControlPluginFigures(t *testing.T) {
+	base := ctlRun(0, modePrimary, []float64{5, 6, 7, 8}, []float64{5, 5, 5, 5}, nil, "")
+	base.Control.PluginAddMs = map[string][]float64{"bridge": {4, 5, 6, 7}}
+	meshed := ctlRun(0, modePrimaryMeshlane, []float64{8, 9, 10, 30}, []float64{6, 6, 6, 6}, nil, "")
+	meshed.Control.PluginAddMs = map[string][]float64{"bridge": {4, 5, 6, 7}, "meshlane-cni": {3, 1, 2, 22}}
+	meshed.Control.PluginDelMs = map[string][]float64{"meshlane-cni": {1, 1, 1, 1}}
+	figs := controlFigures([]Run{base, meshed}, 4)
+	get := func(metric string) Figure {
+		t.Helper()
+		i := slices.IndexFunc(figs, func(f Figure) bool { return f.Metric == metric })
+		if i < 0 {
+			t.Fatalf("no figure %q", metric)
+		}
+		return figs[i]
+	}
+	own := get("CNI ADD p50, meshlane-cni's own process")
+	if _, ok := own.Modes[modePrimary]; ok || own.Added != nil {
+		t.Fatalf("meshlane-cni's time has a baseline or a difference: %+v", own)
+	}
+	if s := own.Modes[modePrimaryMeshlane]; s.Mean != 2 {
+		t.Fatalf("meshlane-cni ADD p50 %+v, want 2", s)
+	}
+	if s := get("CNI ADD p99, meshlane-cni's own process").Modes[modePrimaryMeshlane]; s.Mean != 22 {
+		t.Fatalf("meshlane-cni ADD p99 %+v, want 22", s)
+	}
+	if s := get("CNI ADD p50, bridge's own process").Modes; s[modePrimary].Mean != 5 || s[modePrimaryMeshlane].Mean != 5 {
+		t.Fatalf("bridge ADD p50 %+v, want 5 in both modes", s)
+	}
+	if s := get("CNI DEL p50, bridge's own process").Modes; len(s) != 0 {
+		t.Fatalf("bridge DEL p50 %+v from runs that timed no bridge DEL", s)
+	}
+}
+
 func TestParseFlagsPods(t *testing.T) {
 	for _, c := range []struct {
 		args []string

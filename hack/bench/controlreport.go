@@ -29,6 +29,10 @@ type controlMetric struct {
 
 const mib = 1 << 20
 
+// chainPlugins are the plugins libcni runs for a pod, in chain order; the
+// bridge plugin runs host-local itself.
+var chainPlugins = []string{"bridge", "meshlane-cni"}
+
 // controlMetrics are the control figures, for runs of pods pods.
 func controlMetrics(pods int) []controlMetric {
 	var out []controlMetric
@@ -44,6 +48,25 @@ func controlMetrics(pods int) []controlMetric {
 				v := op.get(r.Control)
 				return percentile(v, p.p), len(v) > 0
 			}})
+		}
+	}
+	// Each plugin's own process time, within the same calls: meshlane-cni's
+	// is what meshlane adds to every ADD and DEL, free of the noise that
+	// the difference of two modes' totals carries.
+	for _, op := range []struct {
+		name string
+		get  func(*ControlResult) map[string][]float64
+	}{{"CNI ADD", func(c *ControlResult) map[string][]float64 { return c.PluginAddMs }}, {"CNI DEL", func(c *ControlResult) map[string][]float64 { return c.PluginDelMs }}} {
+		for _, plugin := range chainPlugins {
+			for _, p := range []struct {
+				name string
+				p    float64
+			}{{"p50", 50}, {"p99", 99}} {
+				out = append(out, controlMetric{fmt.Sprintf("%s p%s, %s's own process", op.name, strings.TrimPrefix(p.name, "p"), plugin), "ms", true, false, func(r Run) (float64, bool) {
+					v := op.get(r.Control)[plugin]
+					return percentile(v, p.p), len(v) > 0
+				}})
+			}
 		}
 	}
 	agent := func(f func(*AgentUsage) float64) func(Run) (float64, bool) {

@@ -142,7 +142,7 @@ func Start(opts Options) (*Node, error) {
 	if n.list, err = libcni.NetworkConfFromBytes(conf); err != nil {
 		return nil, fmt.Errorf("parse conflist: %w", err)
 	}
-	n.cni = libcni.NewCNIConfigWithCacheDir([]string{opts.Bin.Dir}, filepath.Join(opts.Dir, "cni-cache"), nil)
+	n.cni = libcni.NewCNIConfigWithCacheDir([]string{opts.Bin.Dir}, filepath.Join(opts.Dir, "cni-cache"), newPluginClock())
 	if opts.Unchained {
 		return n, nil
 	}
@@ -194,7 +194,7 @@ func (n *Node) LoadChain() error {
 	if n.list, err = libcni.ConfListFromFile(files[0]); err != nil {
 		return fmt.Errorf("load %s: %w", files[0], err)
 	}
-	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.BinDir}, filepath.Join(n.opts.Dir, "cni-cache"), nil)
+	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.BinDir}, filepath.Join(n.opts.Dir, "cni-cache"), newPluginClock())
 	return nil
 }
 
@@ -330,9 +330,11 @@ type Pod struct {
 	Annotations     map[string]string
 	// AddTook and DelTook are how long the chain's ADD and DEL took
 	// through libcni, namespace set-up and removal left out; DelTook is
-	// set by DelPod.
-	AddTook, DelTook time.Duration
-	rt               *libcni.RuntimeConf
+	// set by DelPod. AddPlugins and DelPlugins split them by plugin (file
+	// name): each plugin process's time within that call.
+	AddTook, DelTook       time.Duration
+	AddPlugins, DelPlugins map[string]time.Duration
+	rt                     *libcni.RuntimeConf
 }
 
 func (n *Node) runtimeConf(p *Pod) *libcni.RuntimeConf {
@@ -386,9 +388,10 @@ func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations m
 		return nil, err
 	}
 	path := p.NetnsPath
+	tctx, times := timePlugins(ctx)
 	start := time.Now()
-	res, err := n.cni.AddNetworkList(ctx, n.list, p.rt)
-	p.AddTook = time.Since(start)
+	res, err := n.cni.AddNetworkList(tctx, n.list, p.rt)
+	p.AddTook, p.AddPlugins = time.Since(start), times.get()
 	if err != nil {
 		// What a runtime does when ADD fails: DEL, then drop the sandbox.
 		n.cni.DelNetworkList(ctx, n.list, p.rt)
@@ -413,9 +416,10 @@ func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations m
 
 // DelPod runs the chain's DEL and removes the netns.
 func (n *Node) DelPod(ctx context.Context, p *Pod) error {
+	tctx, times := timePlugins(ctx)
 	start := time.Now()
-	err := n.cni.DelNetworkList(ctx, n.list, p.rt)
-	p.DelTook = time.Since(start)
+	err := n.cni.DelNetworkList(tctx, n.list, p.rt)
+	p.DelTook, p.DelPlugins = time.Since(start), times.get()
 	return errors.Join(err, testenv.DeleteNetns(p.NetnsPath))
 }
 
