@@ -82,6 +82,10 @@ type Run struct {
 	// programs' runs and run time (meshlane modes).
 	Counters map[string]uint64   `json:"counters,omitempty"`
 	Programs map[string]ProgStat `json:"programs,omitempty"`
+	// NoopPrograms are the do-nothing programs' runs and run time, on
+	// the same hooks as the datapath's during a connect-tax run: the
+	// accounting's own cost (see attachNoops).
+	NoopPrograms map[string]ProgStat `json:"noopPrograms,omitempty"`
 	// Err says why the run does not count; empty for a good run.
 	Err string `json:"err,omitempty"`
 	// Iptables names the iptables-restore that loaded the rules.
@@ -107,6 +111,7 @@ type snapshot struct {
 	groups   map[string]uint64
 	counters map[string]uint64
 	progs    map[string]ProgStat
+	noops    map[string]ProgStat
 }
 
 func (w *world) snapshot() (snapshot, error) {
@@ -128,6 +133,11 @@ func (w *world) snapshot() (snapshot, error) {
 		if s.progs, err = readProgStats(w.progs); err != nil {
 			return s, err
 		}
+		if w.noops != nil {
+			if s.noops, err = readProgStats(w.noops); err != nil {
+				return s, err
+			}
+		}
 	}
 	return s, nil
 }
@@ -144,9 +154,35 @@ func deltas(before, after map[string]uint64) map[string]uint64 {
 }
 
 // measure runs one workload and records it; problems with the run itself
-// end up in Run.Err, only an interruption is returned as an error.
+// end up in Run.Err, only an interruption is returned as an error. A
+// connect-tax run of a meshlane mode has no-op programs beside the
+// datapath's (see attachNoops).
 func (w *world) measure(ctx context.Context, round int, wl workload, cfg config) (Run, error) {
-	run := Run{Round: round, Mode: w.mode, Workload: wl.Name(), Kind: wl.Kind, Target: wl.Target, Conns: wl.Conns, Start: time.Now().UTC(), Iptables: w.iptables, LoadAvg: loadAvg()}
+	if wl.Kind != kindConnect || w.dp == nil {
+		return w.measureRun(ctx, round, wl, cfg)
+	}
+	noops, detach, err := attachNoops(w.n.cg.Path)
+	if err != nil {
+		run := w.newRun(round, wl)
+		run.Err = err.Error()
+		return run, nil
+	}
+	w.noops = noops
+	run, err := w.measureRun(ctx, round, wl, cfg)
+	w.noops = nil
+	if derr := detach(); derr != nil && run.Err == "" {
+		run.Err = derr.Error()
+	}
+	return run, err
+}
+
+func (w *world) newRun(round int, wl workload) Run {
+	return Run{Round: round, Mode: w.mode, Workload: wl.Name(), Kind: wl.Kind, Target: wl.Target, Conns: wl.Conns, Start: time.Now().UTC(), Iptables: w.iptables, LoadAvg: loadAvg()}
+}
+
+// measureRun is measure without the connect-tax runs' no-op programs.
+func (w *world) measureRun(ctx context.Context, round int, wl workload, cfg config) (Run, error) {
+	run := w.newRun(round, wl)
 	before, err := w.snapshot()
 	if err != nil {
 		run.Err = err.Error()
@@ -168,6 +204,7 @@ func (w *world) measure(ctx context.Context, round int, wl workload, cfg config)
 	run.GroupCPU = deltas(before.groups, after.groups)
 	run.Counters = deltas(before.counters, after.counters)
 	run.Programs = progDeltas(before.progs, after.progs)
+	run.NoopPrograms = progDeltas(before.noops, after.noops)
 
 	var problems []error
 	if err != nil {

@@ -94,6 +94,15 @@ func bpfPerRequest(r Run) (float64, bool) {
 	return float64(totalRunNs(r.Programs)) / float64(r.requests()), true
 }
 
+// bpfNetPerRequest is bpfPerRequest less the accounting's own cost, as
+// the no-op programs beside the datapath's measured it (connect-tax runs).
+func bpfNetPerRequest(r Run) (float64, bool) {
+	if r.Programs == nil || r.NoopPrograms == nil {
+		return 0, false
+	}
+	return netRunNs(r.Programs, r.NoopPrograms) / float64(r.requests()), true
+}
+
 func us(d float64) float64 { return d / 1e3 } // ns to µs
 
 // perRequest is a process group's CPU time per request or connect, in µs.
@@ -107,6 +116,9 @@ func perRequest(groups ...string) func(Run) (float64, bool) {
 	})
 }
 
+// metricBPFNet names the connect-tax figure net of the accounting's cost.
+const metricBPFNet = "BPF run time per request, less the accounting's own cost"
+
 var (
 	wrkKinds = []string{kindKeepalive, kindClose, kindBulk}
 	metrics  = []metric{
@@ -119,6 +131,7 @@ var (
 		{"connect+close", "ns", true, false, []string{kindConnect}, always(func(r Run) float64 { return r.Connect.NsPerConnect })},
 		{"requests per CPU-second of the bench cgroup", "req/CPU-s", false, false, wrkKinds, perCPUSecond},
 		{"BPF run time per request", "ns", true, false, slices.Concat(wrkKinds, []string{kindConnect}), bpfPerRequest},
+		{metricBPFNet, "ns", true, false, []string{kindConnect}, bpfNetPerRequest},
 		{"machine idle", "%", false, true, slices.Concat(wrkKinds, []string{kindConnect}), always(func(r Run) float64 { return r.CPU.Idle })},
 		{"CPU/req load generator", "µs", true, true, wrkKinds, perRequest(groupLoad)},
 		{"CPU/req sidecars", "µs", true, true, wrkKinds, perRequest(groupSidecarA, groupSidecarB)},

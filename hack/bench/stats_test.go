@@ -61,3 +61,32 @@ func TestRotate(t *testing.T) {
 		t.Fatalf("rotate changed its input: %v", modes)
 	}
 }
+
+// The accounting's cost per run, as each hook's no-op measured it, comes
+// off every datapath run on that hook; programs on hooks without a no-op
+// keep their whole run time.
+func TestNetRunNs(t *testing.T) {
+	progs := map[string]ProgStat{
+		"connect4": {Runs: 10, RunNs: 1200},
+		"sockops":  {Runs: 90, RunNs: 5400},
+		"sendmsg4": {Runs: 2, RunNs: 300},
+	}
+	noops := map[string]ProgStat{
+		"connect4": {Runs: 10, RunNs: 500},  // 50 ns a run
+		"sockops":  {Runs: 90, RunNs: 4050}, // 45 ns a run
+	}
+	if got, want := netRunNs(progs, noops), float64(1200-500+5400-4050+300); got != want {
+		t.Fatalf("net run time %g ns, want %g", got, want)
+	}
+	r := Run{Kind: kindConnect, Connect: &ConnectResult{Connects: 10}, Programs: progs, NoopPrograms: noops}
+	if got, ok := bpfNetPerRequest(r); !ok || got != 235 {
+		t.Fatalf("net per connect %g (%v), want 235", got, ok)
+	}
+	if got, ok := bpfPerRequest(r); !ok || got != 690 {
+		t.Fatalf("gross per connect %g (%v), want 690", got, ok)
+	}
+	r.NoopPrograms = nil
+	if _, ok := bpfNetPerRequest(r); ok {
+		t.Fatal("a net figure from a run without no-op programs")
+	}
+}

@@ -58,6 +58,7 @@ type world struct {
 	c       *testenv.Pod
 	dp      *datapath.Datapath
 	progs   map[string]*ebpf.Program // the datapath's programs, for their run time
+	noops   map[string]*ebpf.Program // no-op programs beside them during a connect-tax run
 	// iptables names the iptables-restore variant used (iptables mode).
 	iptables string
 	undo     cleanups
