@@ -10,6 +10,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
+	"github.com/meshlane/meshlane/test/testenv"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -68,6 +70,67 @@ func datapathPrograms(linksDir string) (map[string]*ebpf.Program, error) {
 	}
 	if len(progs) == 0 {
 		return nil, fmt.Errorf("no pinned link under %s: has the datapath's pin layout changed?", linksDir)
+	}
+	return progs, nil
+}
+
+// tcPrograms opens the tc programs on a meshed pod's eth0, keyed
+// "tc-ingress" and "tc-egress": every meshed pod runs the same two, on
+// every packet it sends or receives, so their run time belongs with the
+// datapath's. tcx hooks are found through the links the datapath pins per
+// pod, classic filters through netlink in the pod's namespace.
+func tcPrograms(bpffs string, pod *testenv.Pod) (map[string]*ebpf.Program, error) {
+	ids := map[string]ebpf.ProgramID{}
+	pins, err := filepath.Glob(filepath.Join(bpffs, "inbound", "*", "*"))
+	if err != nil {
+		return nil, err
+	}
+	for _, pin := range pins {
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			return nil, fmt.Errorf("open pinned link %s: %w", pin, err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return nil, fmt.Errorf("link %s info: %w", pin, err)
+		}
+		ids["tc-"+filepath.Base(pin)] = info.Program
+	}
+	if len(ids) == 0 {
+		err := testenv.InNetns(pod.NetnsPath, func() error {
+			eth, err := netlink.LinkByName("eth0")
+			if err != nil {
+				return err
+			}
+			for name, parent := range map[string]uint32{"tc-ingress": netlink.HANDLE_MIN_INGRESS, "tc-egress": netlink.HANDLE_MIN_EGRESS} {
+				filters, err := netlink.FilterList(eth, parent)
+				if err != nil {
+					return fmt.Errorf("list %s filters: %w", name, err)
+				}
+				for _, f := range filters {
+					if bf, ok := f.(*netlink.BpfFilter); ok && bf.Id != 0 {
+						ids[name] = ebpf.ProgramID(bf.Id)
+					}
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("tc filters of pod %s: %w", pod.Name, err)
+		}
+	}
+	if len(ids) != 2 {
+		return nil, fmt.Errorf("found tc programs %v on pod %s, want ingress and egress: has the datapath's hook layout changed?", ids, pod.Name)
+	}
+	progs := map[string]*ebpf.Program{}
+	for name, id := range ids {
+		p, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			closePrograms(progs)
+			return nil, fmt.Errorf("program %s: %w", name, err)
+		}
+		progs[name] = p
 	}
 	return progs, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"net/netip"
 	"os"
@@ -114,6 +115,11 @@ func (n *node) newWorld(ctx context.Context, round int, mode string) (_ *world, 
 			return nil, err
 		}
 		w.undo.add("close program handles", func() error { return closePrograms(w.progs) })
+		tc, err := tcPrograms(filepath.Join(n.bpffs, "meshlane"), w.a)
+		if err != nil {
+			return nil, err
+		}
+		maps.Copy(w.progs, tc)
 	}
 
 	tag := fmt.Sprintf("%d-%s", round, slug)
