@@ -109,6 +109,29 @@ func ctlRun(round int, mode string, add, del []float64, agent *AgentUsage, err s
 		Control: &ControlResult{Pods: len(add), AddMs: add, DelMs: del, Agent: agent}}
 }
 
+// figureNamed returns the figure of that metric, failing the test without
+// one.
+func figureNamed(t *testing.T, figs []Figure, metric string) Figure {
+	t.Helper()
+	i := slices.IndexFunc(figs, func(f Figure) bool { return f.Metric == metric })
+	if i < 0 {
+		t.Fatalf("no figure %q in %+v", metric, figs)
+	}
+	return figs[i]
+}
+
+// meshlaneOnly checks a figure only primary+meshlane has, with no
+// difference between the modes, and its mean.
+func meshlaneOnly(t *testing.T, f Figure, mean float64) {
+	t.Helper()
+	if _, ok := f.Modes[modePrimary]; ok || f.Added != nil {
+		t.Fatalf("%s has a baseline or a difference: %+v", f.Metric, f)
+	}
+	if s := f.Modes[modePrimaryMeshlane]; s.Mean != mean {
+		t.Fatalf("%s %+v, want mean %g", f.Metric, s, mean)
+	}
+}
+
 // The added latency pairs the modes within each round, failed runs do not
 // count, and agent figures exist only where an agent ran.
 func TestControlFigures(t *testing.T) {
@@ -124,14 +147,7 @@ func TestControlFigures(t *testing.T) {
 		ctlRun(2, modePrimaryMeshlane, []float64{4, 6, 8, 10}, []float64{8, 8, 8, 8}, agent, ""),
 	}
 	figs := controlFigures(runs, 4)
-	get := func(metric string) Figure {
-		t.Helper()
-		i := slices.IndexFunc(figs, func(f Figure) bool { return f.Metric == metric })
-		if i < 0 {
-			t.Fatalf("no figure %q in %+v", metric, figs)
-		}
-		return figs[i]
-	}
+	get := func(metric string) Figure { return figureNamed(t, figs, metric) }
 	p50 := get("CNI ADD p50")
 	if s := p50.Modes[modePrimary]; s.N != 2 || s.Mean != 2.5 {
 		t.Fatalf("primary ADD p50 %+v: want the 2 good rounds, mean 2.5", s)
@@ -145,13 +161,7 @@ func TestControlFigures(t *testing.T) {
 	if a := get("CNI DEL max").Added; a == nil || !slices.Equal(a.Values, []float64{1, 2}) {
 		t.Fatalf("added DEL max %+v", a)
 	}
-	rss := get("agent RSS, 4 pods")
-	if _, ok := rss.Modes[modePrimary]; ok || rss.Added != nil {
-		t.Fatalf("agent RSS has a baseline or a difference: %+v", rss)
-	}
-	if s := rss.Modes[modePrimaryMeshlane]; s.Mean != 20 {
-		t.Fatalf("agent RSS %+v MiB, want 20", s)
-	}
+	meshlaneOnly(t, get("agent RSS, 4 pods"), 20)
 	if s := get("agent CPU time, 4 ADDs + 4 DELs").Modes[modePrimaryMeshlane]; s.Mean != 300 {
 		t.Fatalf("agent CPU %+v, want 300 ms", s)
 	}
@@ -169,21 +179,8 @@ func TestControlPluginFigures(t *testing.T) {
 	meshed.Control.PluginAddMs = map[string][]float64{"bridge": {4, 5, 6, 7}, "meshlane-cni": {3, 1, 2, 22}}
 	meshed.Control.PluginDelMs = map[string][]float64{"meshlane-cni": {1, 1, 1, 1}}
 	figs := controlFigures([]Run{base, meshed}, 4)
-	get := func(metric string) Figure {
-		t.Helper()
-		i := slices.IndexFunc(figs, func(f Figure) bool { return f.Metric == metric })
-		if i < 0 {
-			t.Fatalf("no figure %q", metric)
-		}
-		return figs[i]
-	}
-	own := get("CNI ADD p50, meshlane-cni's own process")
-	if _, ok := own.Modes[modePrimary]; ok || own.Added != nil {
-		t.Fatalf("meshlane-cni's time has a baseline or a difference: %+v", own)
-	}
-	if s := own.Modes[modePrimaryMeshlane]; s.Mean != 2 {
-		t.Fatalf("meshlane-cni ADD p50 %+v, want 2", s)
-	}
+	get := func(metric string) Figure { return figureNamed(t, figs, metric) }
+	meshlaneOnly(t, get("CNI ADD p50, meshlane-cni's own process"), 2)
 	if s := get("CNI ADD p99, meshlane-cni's own process").Modes[modePrimaryMeshlane]; s.Mean != 22 {
 		t.Fatalf("meshlane-cni ADD p99 %+v, want 22", s)
 	}
