@@ -7,9 +7,12 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
 
@@ -20,8 +23,12 @@ const (
 	acceptLoopArg  = "accept-loop"
 )
 
-// taxPort is where the accept loop listens in pod R.
-const taxPort = 9090
+// taxPort is where the accept loop listens in pod R; abPort the paired
+// probe's own listener there, in the tax cgroup.
+const (
+	taxPort = 9090
+	abPort  = 9091
+)
 
 // maxConnectErrors ends the loop early: a path that refuses this often is
 // broken, not slow.
@@ -158,4 +165,166 @@ func parseConnectResult(out string) (ConnectResult, error) {
 		return r, nil
 	}
 	return ConnectResult{}, errors.New("connect probe printed no result line")
+}
+
+// connectABArg turns this binary into the paired connect-tax probe.
+const connectABArg = "connect-ab"
+
+// ABResult is the paired probe's one line of output: for each pair of
+// slices, the connect+close time with the datapath's programs attached
+// over the time without.
+type ABResult struct {
+	Ratios []float64 `json:"ratios"`
+	Slice  string    `json:"slice"`
+}
+
+// runConnectAB measures what attaching the datapath's cgroup programs
+// costs a connect+close, the kernel's dispatch to them included, which no
+// BPF run-time figure counts. Run as root in the tax cgroup, which nothing
+// else attaches to, it attaches the programs behind the datapath's pinned
+// links to that cgroup itself, then alternates slices with and without
+// them, in this one process: a wall-clock comparison between separate runs
+// drowns a tax of a few per cent in a shared machine's noise, pairs of
+// neighbouring slices (their order alternating) do not.
+func runConnectAB(args []string) error {
+	fs := flag.NewFlagSet(connectABArg, flag.ContinueOnError)
+	to := fs.String("to", "", "IPv4 listener ip:port")
+	links := fs.String("links", "", "the datapath's pinned links directory")
+	cgroup := fs.String("cgroup", "", "the cgroup this process runs in, to attach to")
+	pairs := fs.Int("pairs", 100, "slice pairs")
+	slice := fs.Duration("slice", 100*time.Millisecond, "length of one slice")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ap, err := netip.ParseAddrPort(*to)
+	if err != nil || !ap.Addr().Is4() {
+		return fmt.Errorf("--to %q: want an IPv4 ip:port", *to)
+	}
+	progs, err := cgroupPrograms(*links)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, p := range progs {
+			p.prog.Close()
+		}
+	}()
+	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	loop := func() (float64, error) {
+		var n int64
+		start := time.Now()
+		deadline := start.Add(*slice)
+		for i := 0; ; i++ {
+			if i%64 == 0 && time.Now().After(deadline) {
+				break
+			}
+			if err := connectClose(sa); err != nil {
+				return 0, err
+			}
+			n++
+		}
+		return float64(time.Since(start).Nanoseconds()) / float64(n), nil
+	}
+	var attached []link.Link
+	attach := func() error {
+		for _, p := range progs {
+			l, err := link.AttachCgroup(link.CgroupOptions{Path: *cgroup, Attach: p.attach, Program: p.prog})
+			if err != nil {
+				return fmt.Errorf("attach %s to %s: %w", p.name, *cgroup, err)
+			}
+			attached = append(attached, l)
+		}
+		return nil
+	}
+	detach := func() error {
+		var errs []error
+		for _, l := range attached {
+			errs = append(errs, l.Close())
+		}
+		attached = nil
+		return errors.Join(errs...)
+	}
+	defer detach()
+	if _, err := loop(); err != nil { // warm-up
+		return err
+	}
+	res := ABResult{Slice: slice.String()}
+	for i := range *pairs {
+		var on, off float64
+		for j := range 2 {
+			withProgs := (i+j)%2 == 0
+			if withProgs {
+				if err := attach(); err != nil {
+					return err
+				}
+			}
+			t, err := loop()
+			if err != nil {
+				return err
+			}
+			if withProgs {
+				on = t
+				if err := detach(); err != nil {
+					return err
+				}
+			} else {
+				off = t
+			}
+		}
+		res.Ratios = append(res.Ratios, on/off)
+	}
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// connectClose opens a connection to sa and closes it with RST.
+func connectClose(sa *unix.SockaddrInet4) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Connect(fd, sa); err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	return unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+}
+
+type cgroupProgram struct {
+	name   string
+	prog   *ebpf.Program
+	attach ebpf.AttachType
+}
+
+// cgroupPrograms opens the programs behind the datapath's pinned cgroup
+// links, with the hook each is attached to.
+func cgroupPrograms(linksDir string) ([]cgroupProgram, error) {
+	entries, err := os.ReadDir(linksDir)
+	if err != nil {
+		return nil, fmt.Errorf("list the datapath's pinned links: %w", err)
+	}
+	var out []cgroupProgram
+	for _, e := range entries {
+		l, err := link.LoadPinnedLink(filepath.Join(linksDir, e.Name()), nil)
+		if err != nil {
+			return nil, fmt.Errorf("open pinned link %s: %w", e.Name(), err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return nil, fmt.Errorf("link %s info: %w", e.Name(), err)
+		}
+		cg := info.Cgroup()
+		if cg == nil {
+			continue // not a cgroup hook (sk_msg sits on the sockhash)
+		}
+		p, err := ebpf.NewProgramFromID(info.Program)
+		if err != nil {
+			return nil, fmt.Errorf("program of link %s: %w", e.Name(), err)
+		}
+		out = append(out, cgroupProgram{e.Name(), p, ebpf.AttachType(cg.AttachType)})
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no pinned cgroup link under %s", linksDir)
+	}
+	return out, nil
 }

@@ -122,7 +122,7 @@ func (c config) figures(runs []Run) []Figure {
 
 func main() {
 	if len(os.Args) > 1 {
-		probes := map[string]func([]string) error{connectLoopArg: runConnectLoop, acceptLoopArg: runAcceptLoop}
+		probes := map[string]func([]string) error{connectLoopArg: runConnectLoop, acceptLoopArg: runAcceptLoop, connectABArg: runConnectAB}
 		if probe, ok := probes[os.Args[1]]; ok {
 			if err := probe(os.Args[2:]); err != nil {
 				fmt.Fprintf(os.Stderr, "bench %s: %v\n", os.Args[1], err)

@@ -49,6 +49,13 @@ type node struct {
 	// controlCg, where no process runs, so they never tax the data path.
 	// controlDir, a tmpfs, holds each control node's socket, agent state,
 	// CNI cache and IPAM data.
+	// taxCg holds the paired connect-tax probe and its listener. It is
+	// outside the bench cgroup, so no program reaches it but the ones the
+	// probe attaches itself.
+	taxCg *testenv.Cgroup
+	// stats keeps the kernel's BPF run-time accounting on (see
+	// withoutProgramStats).
+	stats      io.Closer
 	cniBin     cninode.Binaries
 	controlCg  *testenv.Cgroup
 	controlDir string
@@ -136,12 +143,19 @@ func (n *node) setupDataPath() (err error) {
 		}
 		n.undo.add("destroy cgroup "+g, n.groups[g].Destroy)
 	}
-
-	stats, err := enableProgramStats()
+	mnt, err := testenv.Cgroup2Mount()
 	if err != nil {
 		return err
 	}
-	n.undo.add("disable BPF run time statistics", stats.Close)
+	if n.taxCg, err = testenv.NewCgroup(mnt, testenv.NamePrefix+testenv.RunID()+"-bench-tax"); err != nil {
+		return err
+	}
+	n.undo.add("destroy cgroup bench-tax", n.taxCg.Destroy)
+
+	if n.stats, err = enableProgramStats(); err != nil {
+		return err
+	}
+	n.undo.add("disable BPF run time statistics", func() error { return n.stats.Close() })
 
 	v4, v6, err := testenv.FreeSubnets()
 	if err != nil {
@@ -290,4 +304,20 @@ func (c *cleanups) run() error {
 	}
 	c.steps = nil
 	return errors.Join(errs...)
+}
+
+// withoutProgramStats runs fn with the kernel's BPF run-time accounting
+// off: its clock reads on every program run are a cost of the bench, not of
+// the datapath, and the paired connect-tax probe measures all costs.
+func (n *node) withoutProgramStats(fn func() error) error {
+	if err := n.stats.Close(); err != nil {
+		return fmt.Errorf("pause BPF run time statistics: %w", err)
+	}
+	ferr := fn()
+	var err error
+	if n.stats, err = enableProgramStats(); err != nil {
+		// Closing the closed one again is harmless at teardown.
+		return errors.Join(ferr, err)
+	}
+	return ferr
 }

@@ -256,7 +256,8 @@ func betterHint(lowerWins bool) string {
 // The kernel's accounting adds its own clock read to every run it times;
 // no-op programs on the same hooks measure that cost in the same runs, and
 // the second figure takes it off. Neither counts the kernel's dispatch to
-// the programs, which no-op and datapath programs pay alike.
+// the programs, which no-op and datapath programs pay alike; the paired
+// probe's figure does.
 func (rep *Report) connectTax() string {
 	var cycle, bpf, net *Figure
 	for i, f := range rep.Figures {
@@ -299,6 +300,16 @@ func (rep *Report) connectTax() string {
 			}
 		}
 		lines = append(lines, line+fmt.Sprintf("; wall time per cycle %s ns.", fmtValue(cycle.Modes[mode].Mean)))
+		var ratios []float64
+		for _, r := range rep.Runs {
+			if r.Mode == mode && r.Kind == kindConnect && r.Err == "" && r.AB != nil {
+				ratios = append(ratios, r.AB.Ratios...)
+			}
+		}
+		if pct, se, ok := pairedTax(ratios); ok {
+			lines = append(lines, fmt.Sprintf("  Paired in one process (probe and listener pinned to one CPU, the programs attached and detached between slices of %s, %d pairs over the rounds, the kernel's accounting off): the programs add **%.1f %% ± %.1f** (2 standard errors, trimmed mean) to a connect+close, the kernel's dispatch to them included.",
+				abSlice, len(ratios), pct, se))
+		}
 	}
 	return strings.Join(lines, "\n")
 }

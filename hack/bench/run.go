@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -73,7 +76,9 @@ type Run struct {
 	Wrk       *WrkResult     `json:"wrk,omitempty"`
 	WrkOutput string         `json:"wrkOutput,omitempty"`
 	Connect   *ConnectResult `json:"connect,omitempty"`
-	Control   *ControlResult `json:"control,omitempty"`
+	// AB is the paired connect-tax probe's result (meshlane modes).
+	AB      *ABResult      `json:"ab,omitempty"`
+	Control *ControlResult `json:"control,omitempty"`
 	// CPU is the machine's CPU split during the run; GroupCPU the CPU time
 	// (µs) each process group of the bench cgroup used.
 	CPU      CPUShare          `json:"cpu"`
@@ -173,7 +178,63 @@ func (w *world) measure(ctx context.Context, round int, wl workload, cfg config)
 	if derr := detach(); derr != nil && run.Err == "" {
 		run.Err = derr.Error()
 	}
-	return run, err
+	if err != nil || run.Err != "" {
+		return run, err
+	}
+	var ab *ABResult
+	err = w.n.withoutProgramStats(func() (err error) {
+		ab, err = w.measureAB(ctx, round, cfg)
+		return err
+	})
+	if ctx.Err() != nil {
+		return run, ctx.Err()
+	}
+	if err != nil {
+		run.Err = fmt.Sprintf("paired probe: %v", err)
+	}
+	run.AB = ab
+	return run, nil
+}
+
+// abSlice is one slice of the paired probe; abPairsPerSecond of --duration
+// sets how many pairs it runs (100 for the default 5 s).
+const (
+	abSlice          = 100 * time.Millisecond
+	abPairsPerSecond = 20
+)
+
+// measureAB runs the paired connect-tax probe in pod C against pod R's
+// listener in the tax cgroup, both pinned to one CPU so the pairs compare
+// the same scheduling.
+func (w *world) measureAB(ctx context.Context, round int, cfg config) (*ABResult, error) {
+	pairs := max(1, int(cfg.Duration.Seconds())*abPairsPerSecond)
+	name := fmt.Sprintf("%d-%s-connect-ab", round, strings.ReplaceAll(w.mode, "+", "-"))
+	out, err := w.execAs(ctx, w.c, name, 0, w.n.taxCg, time.Duration(2*pairs+1)*abSlice,
+		slices.Concat(pinned(), []string{w.n.probe, connectABArg,
+			"--to", netip.AddrPortFrom(w.r.IPv4, abPort).String(),
+			"--links", filepath.Join(w.n.bpffs, "meshlane", "links"), "--cgroup", w.n.taxCg.Path,
+			"--pairs", fmt.Sprint(pairs), "--slice", abSlice.String()})...)
+	if err != nil {
+		return nil, err
+	}
+	for line := range strings.Lines(out) {
+		if line = strings.TrimSpace(line); strings.HasPrefix(line, "{") {
+			var r ABResult
+			if err := json.Unmarshal([]byte(line), &r); err != nil {
+				return nil, fmt.Errorf("paired probe output %q: %w", line, err)
+			}
+			if len(r.Ratios) != pairs {
+				return nil, fmt.Errorf("paired probe gave %d pairs, want %d", len(r.Ratios), pairs)
+			}
+			return &r, nil
+		}
+	}
+	return nil, errors.New("paired probe printed no result line")
+}
+
+// pinned prefixes a command so it runs on the machine's last CPU only.
+func pinned() []string {
+	return []string{"taskset", "-c", fmt.Sprint(runtime.NumCPU() - 1)}
 }
 
 func (w *world) newRun(round int, wl workload) Run {
@@ -311,7 +372,12 @@ const execGrace = 20 * time.Second
 // exec runs args as the app uid in pod's network namespace inside the load
 // group and returns what it printed.
 func (w *world) exec(ctx context.Context, pod *testenv.Pod, name string, dur time.Duration, args ...string) (string, error) {
-	p, err := w.n.start(pod, name, appUID, w.n.groups[groupLoad], args...)
+	return w.execAs(ctx, pod, name, appUID, w.n.groups[groupLoad], dur, args...)
+}
+
+// execAs is exec as uid in group.
+func (w *world) execAs(ctx context.Context, pod *testenv.Pod, name string, uid uint32, group *testenv.Cgroup, dur time.Duration, args ...string) (string, error) {
+	p, err := w.n.start(pod, name, uid, group, args...)
 	if err != nil {
 		return "", err
 	}

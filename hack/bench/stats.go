@@ -103,6 +103,30 @@ func bpfNetPerRequest(r Run) (float64, bool) {
 	return netRunNs(r.Programs, r.NoopPrograms) / float64(r.requests()), true
 }
 
+// pairedTax turns the paired probe's on/off ratios into the tax in per
+// cent and twice its standard error: the mean of the ratios with the
+// highest and lowest tenth dropped, as single slices on a shared machine
+// are sometimes hit by a neighbour either way.
+func pairedTax(ratios []float64) (pct, twoSE float64, ok bool) {
+	s := slices.Sorted(slices.Values(ratios))
+	k := len(s) / 10
+	s = s[k : len(s)-k]
+	if len(s) < 2 {
+		return 0, 0, false
+	}
+	st := summarize(s)
+	return 100 * (st.Mean - 1), 200 * st.Stddev / math.Sqrt(float64(len(s))), true
+}
+
+// abTax is one run's paired tax, in per cent.
+func abTax(r Run) (float64, bool) {
+	if r.AB == nil {
+		return 0, false
+	}
+	pct, _, ok := pairedTax(r.AB.Ratios)
+	return pct, ok
+}
+
 func us(d float64) float64 { return d / 1e3 } // ns to µs
 
 // perRequest is a process group's CPU time per request or connect, in µs.
@@ -119,6 +143,10 @@ func perRequest(groups ...string) func(Run) (float64, bool) {
 // metricBPFNet names the connect-tax figure net of the accounting's cost.
 const metricBPFNet = "BPF run time per request, less the accounting's own cost"
 
+// metricPairedTax names the paired probe's figure: how much longer a
+// connect+close took with the programs attached than without.
+const metricPairedTax = "connect+close time added by the programs, paired slices"
+
 var (
 	wrkKinds = []string{kindKeepalive, kindClose, kindBulk}
 	metrics  = []metric{
@@ -132,6 +160,7 @@ var (
 		{"requests per CPU-second of the bench cgroup", "req/CPU-s", false, false, wrkKinds, perCPUSecond},
 		{"BPF run time per request", "ns", true, false, slices.Concat(wrkKinds, []string{kindConnect}), bpfPerRequest},
 		{metricBPFNet, "ns", true, false, []string{kindConnect}, bpfNetPerRequest},
+		{metricPairedTax, "%", true, false, []string{kindConnect}, abTax},
 		{"machine idle", "%", false, true, slices.Concat(wrkKinds, []string{kindConnect}), always(func(r Run) float64 { return r.CPU.Idle })},
 		{"CPU/req load generator", "µs", true, true, wrkKinds, perRequest(groupLoad)},
 		{"CPU/req sidecars", "µs", true, true, wrkKinds, perRequest(groupSidecarA, groupSidecarB)},

@@ -90,3 +90,25 @@ func TestNetRunNs(t *testing.T) {
 		t.Fatal("a net figure from a run without no-op programs")
 	}
 }
+
+// The paired tax drops the highest and lowest tenth of the ratios, so one
+// slice hit by a neighbour does not move it.
+func TestPairedTax(t *testing.T) {
+	ratios := []float64{3.0, 0.2} // the outliers, one each way
+	for range 9 {
+		ratios = append(ratios, 1.01, 1.03)
+	}
+	pct, se, ok := pairedTax(ratios)
+	if !ok || math.Abs(pct-2) > 1e-9 {
+		t.Fatalf("tax %g%% (%v), want 2%%: the outliers were not dropped", pct, ok)
+	}
+	if se <= 0 || se > 1.1 {
+		t.Fatalf("2 s.e. %g points, want about 0.9", se)
+	}
+	if _, _, ok := pairedTax([]float64{1.02}); ok {
+		t.Fatal("a tax from a single pair")
+	}
+	if got, ok := abTax(Run{AB: &ABResult{Ratios: ratios}}); !ok || math.Abs(got-2) > 1e-9 {
+		t.Fatalf("abTax %g (%v), want 2", got, ok)
+	}
+}

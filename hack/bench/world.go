@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -140,6 +141,16 @@ func (n *node) newWorld(ctx context.Context, round int, mode string) (_ *world, 
 		n.probe, acceptLoopArg, "--listen", netip.AddrPortFrom(netip.IPv4Unspecified(), taxPort).String())
 	if err != nil {
 		return nil, err
+	}
+	if w.dp != nil && slices.ContainsFunc(n.cfg.workloads(), func(wl workload) bool { return wl.Kind == kindConnect }) {
+		// The paired probe's listener: in the tax cgroup, so its
+		// accepted sockets meet the programs exactly when the probe
+		// has attached them there, and on the probe's CPU.
+		err = w.startReady(ctx, w.r, tag+"-r-accept-ab", appUID, n.taxCg,
+			slices.Concat(pinned(), []string{n.probe, acceptLoopArg, "--listen", netip.AddrPortFrom(netip.IPv4Unspecified(), abPort).String()})...)
+		if err != nil {
+			return nil, err
+		}
 	}
 	if hasSidecars(mode) {
 		prof := mesh.Istio
