@@ -55,43 +55,15 @@ func runConnectLoop(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	ap, err := netip.ParseAddrPort(*to)
-	if err != nil || !ap.Addr().Is4() {
-		return fmt.Errorf("--to %q: want an IPv4 ip:port", *to)
+	sa, err := listenerAddr(*to)
+	if err != nil {
+		return err
 	}
-	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-	linger := &unix.Linger{Onoff: 1, Linger: 0}
-
-	var res ConnectResult
-	start := time.Now()
-	deadline := start.Add(*dur)
-	for i := 0; ; i++ {
-		// Reading the clock every 64 connects keeps it out of the cost.
-		if i%64 == 0 && time.Now().After(deadline) {
-			break
-		}
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("socket: %w", err)
-		}
-		err = unix.Connect(fd, sa)
-		if err == nil {
-			err = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
-		}
-		unix.Close(fd)
-		if err != nil {
-			res.Errors++
-			if res.FirstError == "" {
-				res.FirstError = err.Error()
-			}
-			if res.Errors >= maxConnectErrors {
-				break
-			}
-			continue
-		}
-		res.Connects++
+	l := connectFor(sa, *dur, maxConnectErrors)
+	res := ConnectResult{Connects: l.connects, Elapsed: l.elapsed, Errors: l.errors}
+	if l.first != nil {
+		res.FirstError = l.first.Error()
 	}
-	res.Elapsed = time.Since(start)
 	if res.Connects > 0 {
 		res.NsPerConnect = float64(res.Elapsed.Nanoseconds()) / float64(res.Connects)
 	}
@@ -99,7 +71,7 @@ func runConnectLoop(args []string) error {
 		return err
 	}
 	if res.Errors > 0 {
-		return fmt.Errorf("%d of %d connects to %s failed, first: %s", res.Errors, res.Errors+res.Connects, ap, res.FirstError)
+		return fmt.Errorf("%d of %d connects to %s failed, first: %s", res.Errors, res.Errors+res.Connects, *to, res.FirstError)
 	}
 	return nil
 }
@@ -196,9 +168,9 @@ func runConnectAB(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	ap, err := netip.ParseAddrPort(*to)
-	if err != nil || !ap.Addr().Is4() {
-		return fmt.Errorf("--to %q: want an IPv4 ip:port", *to)
+	sa, err := listenerAddr(*to)
+	if err != nil {
+		return err
 	}
 	progs, err := cgroupPrograms(*links)
 	if err != nil {
@@ -209,21 +181,15 @@ func runConnectAB(args []string) error {
 			p.prog.Close()
 		}
 	}()
-	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 	loop := func() (float64, error) {
-		var n int64
-		start := time.Now()
-		deadline := start.Add(*slice)
-		for i := 0; ; i++ {
-			if i%64 == 0 && time.Now().After(deadline) {
-				break
-			}
-			if err := connectClose(sa); err != nil {
-				return 0, err
-			}
-			n++
+		l := connectFor(sa, *slice, 1)
+		if l.first != nil {
+			return 0, l.first
 		}
-		return float64(time.Since(start).Nanoseconds()) / float64(n), nil
+		if l.connects == 0 {
+			return 0, fmt.Errorf("no connect within a slice of %s", *slice)
+		}
+		return float64(l.elapsed.Nanoseconds()) / float64(l.connects), nil
 	}
 	var attached []link.Link
 	attach := func() error {
@@ -274,6 +240,49 @@ func runConnectAB(args []string) error {
 		res.Ratios = append(res.Ratios, on/off)
 	}
 	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// listenerAddr parses a probe's --to.
+func listenerAddr(to string) (*unix.SockaddrInet4, error) {
+	ap, err := netip.ParseAddrPort(to)
+	if err != nil || !ap.Addr().Is4() {
+		return nil, fmt.Errorf("--to %q: want an IPv4 ip:port", to)
+	}
+	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}, nil
+}
+
+// loopResult is what one connectFor did.
+type loopResult struct {
+	connects, errors int64
+	first            error
+	elapsed          time.Duration
+}
+
+// connectFor connects to sa and closes, one connection after the other,
+// for d or until maxErrors connects failed. It reads the clock only every
+// 64 connects, which keeps the clock out of the cost.
+func connectFor(sa *unix.SockaddrInet4, d time.Duration, maxErrors int64) loopResult {
+	var l loopResult
+	start := time.Now()
+	deadline := start.Add(d)
+	for i := 0; ; i++ {
+		if i%64 == 0 && time.Now().After(deadline) {
+			break
+		}
+		if err := connectClose(sa); err != nil {
+			l.errors++
+			if l.first == nil {
+				l.first = err
+			}
+			if l.errors >= maxErrors {
+				break
+			}
+			continue
+		}
+		l.connects++
+	}
+	l.elapsed = time.Since(start)
+	return l
 }
 
 // connectClose opens a connection to sa and closes it with RST.
