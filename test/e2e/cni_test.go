@@ -137,6 +137,15 @@ func (e *env) start(p *cninode.Pod, uid uint32, args ...string) {
 	e.t.Cleanup(func() { proc.Kill() })
 }
 
+// startApp runs podbin's app server "s" in a pod as uid 1000, listening on
+// listen (comma separated ip:port), and waits until it listens.
+func (e *env) startApp(p *cninode.Pod, listen string) {
+	e.t.Helper()
+	ready := filepath.Join(testenv.ScratchDir(e.t), "app.ready")
+	e.start(p, 1000, "server", "--name", "s", "--listen", listen, "--ready", ready)
+	e.waitFile(ready)
+}
+
 func (e *env) waitFile(path string) {
 	e.t.Helper()
 	if err := testenv.WaitFile(path, 10*time.Second); err != nil {
@@ -201,9 +210,7 @@ func TestPodLifecycle(t *testing.T) {
 			events, ready := filepath.Join(scratch, "events"), filepath.Join(scratch, "ready")
 			e.start(client, mesh.Istio.ProxyUID, "sidecar", "--events", events, "--ready", ready)
 			e.waitFile(ready)
-			sready := filepath.Join(scratch, "sready")
-			e.start(server, 1000, "server", "--name", "s", "--listen", "0.0.0.0:8080,[::]:8080", "--ready", sready)
-			e.waitFile(sready)
+			e.startApp(server, "0.0.0.0:8080,[::]:8080")
 
 			// The first connection of a fresh process, v4 and v6.
 			for _, ip := range []netip.Addr{server.IPv4, server.IPv6} {
@@ -370,9 +377,7 @@ func TestAgentRestartBetweenAddAndDel(t *testing.T) {
 func TestUpgradeFromLegacyStateFile(t *testing.T) {
 	e := newEnv(t, "1.1.0", "")
 	server := e.add("server", map[string]string{"app": "server"})
-	ready := filepath.Join(testenv.ScratchDir(t), "server.ready")
-	e.start(server, 1000, "server", "--name", "s", "--listen", "0.0.0.0:8080", "--ready", ready)
-	e.waitFile(ready)
+	e.startApp(server, "0.0.0.0:8080")
 	p := e.add("meshed", istio())
 	before := e.pinnedEntries()
 	if err := e.node.StopAgent(syscall.SIGTERM); err != nil {

@@ -399,9 +399,7 @@ func (e *env) meshedPair() (client, server *cninode.Pod) {
 		e.start(p, mesh.Istio.ProxyUID, "sidecar", "--ready", ready)
 		e.waitFile(ready)
 	}
-	sready := filepath.Join(scratch, "server-app")
-	e.start(server, 1000, "server", "--name", "s", "--listen", "0.0.0.0:8080,0.0.0.0:8081", "--ready", sready)
-	e.waitFile(sready)
+	e.startApp(server, "0.0.0.0:8080,0.0.0.0:8081")
 	return client, server
 }
 

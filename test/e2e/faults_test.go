@@ -201,9 +201,7 @@ func redirected(e *env, p *cninode.Pod, to string) {
 func TestCrashAtEveryStep(t *testing.T) {
 	e := newEnv(t, "1.1.0", "closed")
 	server := e.add("server", map[string]string{"app": "server"})
-	ready := filepath.Join(testenv.ScratchDir(t), "server.ready")
-	e.start(server, 1000, "server", "--name", "s", "--listen", "0.0.0.0:8080", "--ready", ready)
-	e.waitFile(ready)
+	e.startApp(server, "0.0.0.0:8080")
 	to := fmt.Sprintf("%s:8080", server.IPv4)
 	base := e.pinnedEntries()
 	ctx := context.Background()

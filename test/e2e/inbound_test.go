@@ -52,9 +52,7 @@ func TestRemoteNodePods(t *testing.T) {
 	events := filepath.Join(scratch, "sidecar")
 	e.start(server, mesh.Istio.ProxyUID, "sidecar", "--events", events, "--ready", events+".ready")
 	e.waitFile(events + ".ready")
-	ready := filepath.Join(scratch, "app.ready")
-	e.start(server, 1000, "server", "--name", "s", "--listen", "0.0.0.0:8080,[::]:8080,0.0.0.0:9090,[::]:9090", "--ready", ready)
-	e.waitFile(ready)
+	e.startApp(server, "0.0.0.0:8080,[::]:8080,0.0.0.0:9090,[::]:9090")
 
 	inbound := func() map[string]int {
 		ev, _ := testenv.ReadEvents[wire.SidecarEvent](events)

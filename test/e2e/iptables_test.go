@@ -135,9 +135,7 @@ func TestUninstallUnderTrafficWithIptables(t *testing.T) {
 		e.waitFile(ev + ".ready")
 		events[p] = ev
 	}
-	ready := filepath.Join(scratch, "app.ready")
-	e.start(server, 1000, "server", "--name", "s", "--listen", "0.0.0.0:8080", "--ready", ready)
-	e.waitFile(ready)
+	e.startApp(server, "0.0.0.0:8080")
 	to := netip.AddrPortFrom(server.IPv4, 8080).String()
 
 	out, err := os.CreateTemp(t.TempDir(), "client-*")

@@ -33,9 +33,7 @@ func meshedPair(e *env) (client, server *cninode.Pod, clientEvents string) {
 			clientEvents = ev
 		}
 	}
-	ready := filepath.Join(scratch, "app.ready")
-	e.start(server, 1000, "server", "--name", "s", "--listen", "0.0.0.0:8080,[::]:8080", "--ready", ready)
-	e.waitFile(ready)
+	e.startApp(server, "0.0.0.0:8080,[::]:8080")
 	return client, server, clientEvents
 }
 
