@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -125,18 +124,23 @@ func runAcceptLoop(args []string) error {
 
 // parseConnectResult finds the probe's JSON line in its output.
 func parseConnectResult(out string) (ConnectResult, error) {
+	return parseResultLine[ConnectResult]("connect probe", out)
+}
+
+// parseResultLine decodes the first JSON line a probe printed.
+func parseResultLine[T any](probe, out string) (T, error) {
+	var r T
 	for line := range strings.Lines(out) {
 		line = strings.TrimSpace(line)
 		if !strings.HasPrefix(line, "{") {
 			continue
 		}
-		var r ConnectResult
 		if err := json.Unmarshal([]byte(line), &r); err != nil {
-			return r, fmt.Errorf("connect probe output %q: %w", line, err)
+			return r, fmt.Errorf("%s output %q: %w", probe, line, err)
 		}
 		return r, nil
 	}
-	return ConnectResult{}, errors.New("connect probe printed no result line")
+	return r, fmt.Errorf("%s printed no result line", probe)
 }
 
 // connectABArg turns this binary into the paired connect-tax probe.
@@ -307,30 +311,18 @@ type cgroupProgram struct {
 // cgroupPrograms opens the programs behind the datapath's pinned cgroup
 // links, with the hook each is attached to.
 func cgroupPrograms(linksDir string) ([]cgroupProgram, error) {
-	entries, err := os.ReadDir(linksDir)
+	links, err := pinnedLinks(linksDir)
 	if err != nil {
-		return nil, fmt.Errorf("list the datapath's pinned links: %w", err)
+		return nil, err
 	}
 	var out []cgroupProgram
-	for _, e := range entries {
-		l, err := link.LoadPinnedLink(filepath.Join(linksDir, e.Name()), nil)
-		if err != nil {
-			return nil, fmt.Errorf("open pinned link %s: %w", e.Name(), err)
-		}
-		info, err := l.Info()
-		l.Close()
-		if err != nil {
-			return nil, fmt.Errorf("link %s info: %w", e.Name(), err)
-		}
-		cg := info.Cgroup()
+	for _, l := range links {
+		cg := l.info.Cgroup()
 		if cg == nil {
-			continue // not a cgroup hook (sk_msg sits on the sockhash)
+			l.prog.Close() // not a cgroup hook (sk_msg sits on the sockhash)
+			continue
 		}
-		p, err := ebpf.NewProgramFromID(info.Program)
-		if err != nil {
-			return nil, fmt.Errorf("program of link %s: %w", e.Name(), err)
-		}
-		out = append(out, cgroupProgram{e.Name(), p, ebpf.AttachType(cg.AttachType)})
+		out = append(out, cgroupProgram{l.name, l.prog, ebpf.AttachType(cg.AttachType)})
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("no pinned cgroup link under %s", linksDir)

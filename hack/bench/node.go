@@ -45,17 +45,17 @@ type node struct {
 	scratch string
 	logs    string
 	undo    cleanups
-	// cniBin holds the control path's programs; its agents attach to
-	// controlCg, where no process runs, so they never tax the data path.
-	// controlDir, a tmpfs, holds each control node's socket, agent state,
-	// CNI cache and IPAM data.
 	// taxCg holds the paired connect-tax probe and its listener. It is
 	// outside the bench cgroup, so no program reaches it but the ones the
 	// probe attaches itself.
 	taxCg *testenv.Cgroup
 	// stats keeps the kernel's BPF run-time accounting on (see
 	// withoutProgramStats).
-	stats      io.Closer
+	stats io.Closer
+	// cniBin holds the control path's programs; its agents attach to
+	// controlCg, where no process runs, so they never tax the data path.
+	// controlDir, a tmpfs, holds each control node's socket, agent state,
+	// CNI cache and IPAM data.
 	cniBin     cninode.Binaries
 	controlCg  *testenv.Cgroup
 	controlDir string

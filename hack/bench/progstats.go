@@ -35,41 +35,66 @@ type ProgStat struct {
 	RunNs uint64 `json:"runNs"`
 }
 
-// datapathPrograms opens the programs behind the datapath's pinned links
-// (the loader pins one per attachment under <bpffs>/links), keyed by the
-// link's name.
-func datapathPrograms(linksDir string) (map[string]*ebpf.Program, error) {
-	entries, err := os.ReadDir(linksDir)
+// pinnedLink is a pinned link's program and what the link says of itself.
+type pinnedLink struct {
+	name string
+	prog *ebpf.Program
+	info *link.Info
+}
+
+// openPinnedLink opens the program behind the link pinned at path; the pin
+// keeps the link, only our descriptor of it is closed.
+func openPinnedLink(path string) (pinnedLink, error) {
+	l, err := link.LoadPinnedLink(path, nil)
+	if err != nil {
+		return pinnedLink{}, fmt.Errorf("open pinned link %s: %w", path, err)
+	}
+	info, err := l.Info()
+	l.Close()
+	if err != nil {
+		return pinnedLink{}, fmt.Errorf("link %s info: %w", path, err)
+	}
+	p, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		return pinnedLink{}, fmt.Errorf("program of link %s: %w", path, err)
+	}
+	return pinnedLink{filepath.Base(path), p, info}, nil
+}
+
+// pinnedLinks opens every link pinned in dir (the datapath's loader pins
+// one per attachment under <bpffs>/links).
+func pinnedLinks(dir string) ([]pinnedLink, error) {
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("list the datapath's pinned links: %w", err)
 	}
-	progs := map[string]*ebpf.Program{}
-	closeAll := func() {
-		for _, p := range progs {
-			p.Close()
-		}
-	}
+	var out []pinnedLink
 	for _, e := range entries {
-		l, err := link.LoadPinnedLink(filepath.Join(linksDir, e.Name()), nil)
+		pl, err := openPinnedLink(filepath.Join(dir, e.Name()))
 		if err != nil {
-			closeAll()
-			return nil, fmt.Errorf("open pinned link %s: %w", e.Name(), err)
+			for _, o := range out {
+				o.prog.Close()
+			}
+			return nil, err
 		}
-		info, err := l.Info()
-		l.Close() // the pin keeps the link; only our descriptor goes
-		if err != nil {
-			closeAll()
-			return nil, fmt.Errorf("link %s info: %w", e.Name(), err)
-		}
-		p, err := ebpf.NewProgramFromID(info.Program)
-		if err != nil {
-			closeAll()
-			return nil, fmt.Errorf("program of link %s: %w", e.Name(), err)
-		}
-		progs[e.Name()] = p
+		out = append(out, pl)
 	}
-	if len(progs) == 0 {
-		return nil, fmt.Errorf("no pinned link under %s: has the datapath's pin layout changed?", linksDir)
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no pinned link under %s: has the datapath's pin layout changed?", dir)
+	}
+	return out, nil
+}
+
+// datapathPrograms opens the programs behind the datapath's pinned links,
+// keyed by the link's name.
+func datapathPrograms(linksDir string) (map[string]*ebpf.Program, error) {
+	links, err := pinnedLinks(linksDir)
+	if err != nil {
+		return nil, err
+	}
+	progs := map[string]*ebpf.Program{}
+	for _, l := range links {
+		progs[l.name] = l.prog
 	}
 	return progs, nil
 }
@@ -86,16 +111,12 @@ func tcPrograms(bpffs string, pod *testenv.Pod) (map[string]*ebpf.Program, error
 		return nil, err
 	}
 	for _, pin := range pins {
-		l, err := link.LoadPinnedLink(pin, nil)
+		pl, err := openPinnedLink(pin)
 		if err != nil {
-			return nil, fmt.Errorf("open pinned link %s: %w", pin, err)
+			return nil, err
 		}
-		info, err := l.Info()
-		l.Close()
-		if err != nil {
-			return nil, fmt.Errorf("link %s info: %w", pin, err)
-		}
-		ids["tc-"+filepath.Base(pin)] = info.Program
+		pl.prog.Close()
+		ids["tc-"+pl.name] = pl.info.Program
 	}
 	if len(ids) == 0 {
 		err := testenv.InNetns(pod.NetnsPath, func() error {

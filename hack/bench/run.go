@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -217,19 +216,14 @@ func (w *world) measureAB(ctx context.Context, round int, cfg config) (*ABResult
 	if err != nil {
 		return nil, err
 	}
-	for line := range strings.Lines(out) {
-		if line = strings.TrimSpace(line); strings.HasPrefix(line, "{") {
-			var r ABResult
-			if err := json.Unmarshal([]byte(line), &r); err != nil {
-				return nil, fmt.Errorf("paired probe output %q: %w", line, err)
-			}
-			if len(r.Ratios) != pairs {
-				return nil, fmt.Errorf("paired probe gave %d pairs, want %d", len(r.Ratios), pairs)
-			}
-			return &r, nil
-		}
+	r, err := parseResultLine[ABResult]("paired probe", out)
+	if err != nil {
+		return nil, err
 	}
-	return nil, errors.New("paired probe printed no result line")
+	if len(r.Ratios) != pairs {
+		return nil, fmt.Errorf("paired probe gave %d pairs, want %d", len(r.Ratios), pairs)
+	}
+	return &r, nil
 }
 
 // pinned prefixes a command so it runs on the machine's last CPU only.
