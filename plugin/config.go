@@ -39,6 +39,7 @@ type netConf struct {
 	ExcludeNamespaces []string `json:"excludeNamespaces"`
 	RuntimeConfig     struct {
 		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations"`
+		CgroupPath     string            `json:"cgroupPath"`
 	} `json:"runtimeConfig"`
 }
 
@@ -53,6 +54,9 @@ type Config struct {
 	LogLevel    slog.Level
 	Excluded    map[string]bool
 	Annotations map[string]string
+	// CgroupPath is the pod's cgroup, from the runtime's cgroupPath
+	// capability (containerd >= 1.7, CRI-O >= 1.28); passed on as is.
+	CgroupPath string
 }
 
 // parseConfig decodes and validates the plugin's config from stdin. Every
@@ -76,6 +80,7 @@ func parseConfig(stdin []byte) (*Config, error) {
 		Timeout:     defaultTimeout,
 		LogLevel:    slog.LevelInfo,
 		Annotations: nc.RuntimeConfig.PodAnnotations,
+		CgroupPath:  nc.RuntimeConfig.CgroupPath,
 	}
 	if nc.Socket != "" {
 		if !filepath.IsAbs(nc.Socket) {

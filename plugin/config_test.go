@@ -79,6 +79,7 @@ func TestParseConfigBadField(t *testing.T) {
 		{`{"excludeNamespaces":["ok", " "]}`, "excludeNamespaces", "entry 1 is empty"},
 		{`{"runtimeConfig":{"io.kubernetes.cri.pod-annotations":["a"]}}`, "io.kubernetes.cri.pod-annotations", "array"},
 		{`{"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"a":1}}}`, "io.kubernetes.cri.pod-annotations", "number"},
+		{`{"runtimeConfig":{"cgroupPath":["/kubepods"]}}`, "cgroupPath", "array"},
 		{`{"cni.dev/valid-attachments":{}}`, "cni.dev/valid-attachments", "object"},
 	}
 	for _, tc := range cases {

@@ -31,6 +31,7 @@ func newPodEvent(args *skel.CmdArgs, conf *Config, prev types.Result) (api.PodEv
 		Netns:       args.Netns,
 		IfName:      args.IfName,
 		Annotations: conf.Annotations,
+		CgroupPath:  conf.CgroupPath,
 	}
 	var err error
 	if prev != nil {

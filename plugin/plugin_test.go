@@ -134,7 +134,7 @@ func TestAddReportsPod(t *testing.T) {
 	annotations := map[string]string{"sidecar.istio.io/status": `{"containers":["istio-proxy"]}`, "traffic.sidecar.istio.io/excludeOutboundPorts": "5432"}
 	args := cmdArgs(confJSON(t, "1.0.0", map[string]any{
 		"socket":        agent.socket,
-		"runtimeConfig": map[string]any{annotationsCapability: annotations},
+		"runtimeConfig": map[string]any{annotationsCapability: annotations, "cgroupPath": "kubepods-burstable-pod0b6c_11.slice"},
 	}, prevResultJSON("1.0.0")))
 	// Runtimes add keys of their own, not always with IgnoreUnknown=1;
 	// they must not matter.
@@ -160,6 +160,7 @@ func TestAddReportsPod(t *testing.T) {
 		PodUID:           "0b6c-11",
 		InfraContainerID: testContainer,
 		Annotations:      annotations,
+		CgroupPath:       "kubepods-burstable-pod0b6c_11.slice",
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("event\n got: %+v\nwant: %+v", got, want)

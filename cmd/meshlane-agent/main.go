@@ -25,6 +25,7 @@ import (
 	"github.com/meshlane/meshlane/daemon/datapath"
 	"github.com/meshlane/meshlane/daemon/mesh"
 	"github.com/meshlane/meshlane/daemon/mountinfo"
+	"github.com/meshlane/meshlane/daemon/podcgroup"
 )
 
 // shutdownTimeout bounds the wait for requests in flight at SIGTERM; the
@@ -41,19 +42,21 @@ const DefaultProbeAddr = "127.0.0.1:15999"
 var version = "dev"
 
 type options struct {
-	socket     string
-	bpffs      string
-	cgroup     string
-	stateDir   string
-	logLevel   string
-	logFormat  string
-	profile    string
-	sockmap    bool
-	inbound    string
-	gcInterval time.Duration
-	probeAddr  string
-	installCNI bool
-	cni        cniFlags
+	socket string
+	bpffs  string
+	cgroup string
+	// cgroupScope is datapath.ScopeNode or datapath.ScopePod.
+	cgroupScope string
+	stateDir    string
+	logLevel    string
+	logFormat   string
+	profile     string
+	sockmap     bool
+	inbound     string
+	gcInterval  time.Duration
+	probeAddr   string
+	installCNI  bool
+	cni         cniFlags
 }
 
 func main() {
@@ -104,7 +107,8 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	}
 	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "unix socket the CNI plugin connects to")
 	fs.StringVar(&o.bpffs, "bpffs", datapath.DefaultBPFFS, "pin directory on a bpf filesystem")
-	fs.StringVar(&o.cgroup, "cgroup", "", "cgroup v2 directory to attach to (default: root of the cgroup2 mount in /proc/self/mountinfo)")
+	fs.StringVar(&o.cgroup, "cgroup", "", "cgroup v2 directory to attach to; with --cgroup-scope pod, the directory every pod cgroup must lie in (default: root of the cgroup2 mount in /proc/self/mountinfo)")
+	fs.StringVar(&o.cgroupScope, "cgroup-scope", datapath.ScopeNode, "where the connect, sendmsg, recvmsg, sockops and getsockopt programs attach: node (once, to --cgroup: every process below it runs them) or pod (to each meshed pod's own cgroup, from the runtime's cgroupPath: containerd >= 1.7, CRI-O >= 1.28; other processes never run them)")
 	fs.StringVar(&o.stateDir, "state-dir", "/var/run/meshlane/state", "directory of the pod registry (one state file per pod under pods/)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or console")
@@ -154,6 +158,21 @@ func run(o options, log *zap.Logger) error {
 	if err != nil {
 		return fmt.Errorf("--profile: %w", err)
 	}
+	var pods *podcgroup.Resolver
+	switch o.cgroupScope {
+	case datapath.ScopeNode:
+	case datapath.ScopePod:
+		mount, err := cgroup2Root("/proc/self/mountinfo")
+		if err != nil {
+			return err
+		}
+		pods = &podcgroup.Resolver{Mount: mount, Within: o.cgroup}
+		if o.cgroup == "" {
+			pods.Within = mount
+		}
+	default:
+		return fmt.Errorf("--cgroup-scope %q: want %s or %s", o.cgroupScope, datapath.ScopeNode, datapath.ScopePod)
+	}
 	if o.cgroup == "" {
 		o.cgroup, err = cgroup2Root("/proc/self/mountinfo")
 		if err != nil {
@@ -164,7 +183,7 @@ func run(o options, log *zap.Logger) error {
 	// Loaded detached: the pods are restored into the maps before the
 	// programs are swapped in, which matters after an upgrade that changed
 	// a map layout (the new maps start empty).
-	dp, err := datapath.LoadDetached(datapath.Options{BPFFS: o.bpffs, CgroupPath: o.cgroup, Sockmap: o.sockmap, Inbound: o.inbound, Logger: log})
+	dp, err := datapath.LoadDetached(datapath.Options{BPFFS: o.bpffs, CgroupPath: o.cgroup, Scope: o.cgroupScope, Sockmap: o.sockmap, Inbound: o.inbound, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -189,6 +208,7 @@ func run(o options, log *zap.Logger) error {
 		Logger:     log,
 		Debug:      dp,
 		Version:    version,
+		PodCgroups: pods,
 		// Ready only when the datapath is attached and, in the DaemonSet,
 		// the plugin is installed and chained.
 		Ready: func() (bool, string) {

@@ -107,7 +107,11 @@ func renderStatus(w io.Writer, st api.Status) error {
 		fmt.Fprintf(tw, "Datapath:\tnot shown by this agent\n")
 		return tw.Flush()
 	}
-	fmt.Fprintf(tw, "Cgroup:\t%s\n", ds.Cgroup)
+	if ds.Scope == "pod" {
+		fmt.Fprintf(tw, "Cgroup:\teach meshed pod's own (pod scope); pods: %s\n", ds.Cgroup)
+	} else {
+		fmt.Fprintf(tw, "Cgroup:\t%s\n", ds.Cgroup)
+	}
 	fmt.Fprintf(tw, "Pinned maps:\t%s\n", ds.MapsDir)
 	fast := "off (meshlane-agent --sockmap turns it on)"
 	if ds.Sockmap {

@@ -21,6 +21,7 @@ import (
 	"github.com/meshlane/meshlane/daemon/api"
 	"github.com/meshlane/meshlane/daemon/datapath"
 	"github.com/meshlane/meshlane/daemon/mesh"
+	"github.com/meshlane/meshlane/daemon/podcgroup"
 )
 
 // PodMaps is the part of the datapath the agent writes. Both calls must be
@@ -67,6 +68,9 @@ type Config struct {
 	// Version is the agent's build version, reported in status and
 	// metrics.
 	Version string
+	// PodCgroups, when set (pod cgroup scope), resolves each meshed pod's
+	// cgroupPath to the cgroup the datapath attaches to; nil is node scope.
+	PodCgroups *podcgroup.Resolver
 }
 
 // PodRecord is what the agent holds about one pod: the report it got, the
@@ -104,6 +108,7 @@ type Agent struct {
 	events     *ring
 	view       DatapathView
 	version    string
+	cgroups    *podcgroup.Resolver
 	started    time.Time
 	metrics    *metrics
 	install    atomic.Pointer[func() api.InstallStatus]
@@ -168,6 +173,7 @@ func New(cfg Config) (*Agent, error) {
 		events:     newRing(eventRingSize),
 		view:       cfg.Debug,
 		version:    cfg.Version,
+		cgroups:    cfg.PodCgroups,
 		started:    time.Now(),
 		waitFor:    waitFor,
 		fault:      flt,
@@ -373,6 +379,19 @@ func (a *Agent) logPod(kind, msg string, rec PodRecord, start time.Time) {
 		State:       rec.State,
 		Message:     rec.Reason,
 	})
+}
+
+// podCgroup is the cgroup directory a meshed pod's cgroup programs go to
+// in pod scope, "" in node scope.
+func (a *Agent) podCgroup(ev api.PodEvent) (string, error) {
+	if a.cgroups == nil {
+		return "", nil
+	}
+	dir, err := a.cgroups.Resolve(ev.CgroupPath)
+	if err != nil {
+		return "", fmt.Errorf("pod cgroup (the agent runs with --cgroup-scope pod): %w", err)
+	}
+	return dir, nil
 }
 
 // podInterface is where a meshed pod's tc programs go: the interface the

@@ -15,6 +15,7 @@ import (
 	"github.com/meshlane/meshlane/daemon/agent"
 	"github.com/meshlane/meshlane/daemon/api"
 	"github.com/meshlane/meshlane/daemon/mesh"
+	"github.com/meshlane/meshlane/daemon/podcgroup"
 )
 
 func TestAddMeshed(t *testing.T) {
@@ -610,5 +611,49 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		if _, err := agent.New(cfg); err == nil {
 			t.Errorf("%s: New accepted it", name)
 		}
+	}
+}
+
+// TestPodCgroupScope: in pod scope a meshed pod's cgroupPath becomes the
+// cgroup its programs attach to (both runtime spellings); a meshed pod
+// without one, or with one outside the allowed subtree, is refused with
+// nothing written or recorded; a pod that is not meshed needs none.
+func TestPodCgroupScope(t *testing.T) {
+	maps, dir := newFakeMaps(), t.TempDir()
+	a := newAgent(t, opts{maps: maps, stateDir: dir,
+		cgroups: &podcgroup.Resolver{Mount: "/sys/fs/cgroup", Within: "/sys/fs/cgroup/kubepods.slice"}})
+	c := client(serve(t, a))
+	istio := map[string]string{"sidecar.istio.io/status": "{}"}
+
+	p := newPod(t, "slice", istio)
+	p.ev.CgroupPath = "kubepods-burstable-pod1.slice"
+	mustAdd(t, a, p.ev)
+	got, ok := maps.get(p.cookie(t))
+	if want := "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice"; !ok || got.Cgroup != want {
+		t.Fatalf("pod written with cgroup %q (held %v), want %s", got.Cgroup, ok, want)
+	}
+
+	for _, tc := range []struct{ cgroupPath, want string }{
+		{"", "passed no cgroupPath"},
+		{"/system.slice/kubelet.service", "not a cgroup below /sys/fs/cgroup/kubepods.slice"},
+		{"kubepods--x.slice", "not a valid systemd slice name"},
+	} {
+		q := newPod(t, "bad", istio)
+		q.ev.CgroupPath = tc.cgroupPath
+		code, _, msg := call(t, c, api.PathAdd, q.ev)
+		if code != http.StatusBadRequest || !strings.Contains(msg, tc.want) || !strings.Contains(msg, "--cgroup-scope pod") {
+			t.Errorf("ADD with cgroupPath %q: %d %q, want 400 saying %q", tc.cgroupPath, code, msg, tc.want)
+		}
+		if _, ok := maps.get(q.cookie(t)); ok {
+			t.Errorf("refused pod written into the maps")
+		}
+	}
+	if ids := stateIDs(t, dir); !slices.Equal(ids, []string{"slice"}) {
+		t.Errorf("state files %v, want only the accepted pod", ids)
+	}
+
+	plain := newPod(t, "plain", map[string]string{})
+	if r := mustAdd(t, a, plain.ev); r.State != api.StateNotMeshed {
+		t.Errorf("pod without a sidecar and without cgroupPath: %s, want %s", r.State, api.StateNotMeshed)
 	}
 }

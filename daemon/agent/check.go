@@ -121,6 +121,13 @@ func (a *Agent) checkMeshed(c *checker, rec PodRecord) {
 	} else {
 		c.pass("inbound tc hooks", fmt.Sprintf("ingress and egress programs on %s", want.Interface.Name))
 	}
+	if want.Cgroup != "" {
+		if err := a.view.CgroupHooks(want); err != nil {
+			c.fail("pod cgroup hooks", err.Error()+": the pod's own connections are not redirected to its sidecar", fixRestart)
+		} else {
+			c.pass("pod cgroup hooks", "connect, sendmsg, recvmsg, sockops and getsockopt programs on "+want.Cgroup)
+		}
+	}
 
 	var cidrs []string
 	cidrs = append(cidrs, listDiff("outbound include CIDR", masked(want.OutboundIncludeCIDRs), got.OutboundIncludeCIDRs)...)

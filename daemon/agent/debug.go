@@ -33,6 +33,9 @@ type DatapathView interface {
 	PodIPOwner(ip netip.Addr) (uint64, bool, error)
 	// InboundHooks says what is missing of the pod's tc programs.
 	InboundHooks(p datapath.Pod) error
+	// CgroupHooks says what is missing of the pod's cgroup programs in pod
+	// scope.
+	CgroupHooks(p datapath.Pod) error
 }
 
 // errNoView answers the datapath endpoints of an agent built without a
@@ -87,6 +90,7 @@ func (a *Agent) Status() api.Status {
 	info := a.view.Info()
 	ds := &api.DatapathStatus{
 		Cgroup:  info.CgroupPath,
+		Scope:   info.Scope,
 		BPFFS:   info.BPFFS,
 		MapsDir: info.MapsDir,
 		Sockmap: info.Sockmap,

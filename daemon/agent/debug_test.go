@@ -73,6 +73,13 @@ func (v *fakeView) ReadPod(netns uint64) (datapath.Pod, bool, error) {
 	return p, true, nil
 }
 
+func (v *fakeView) CgroupHooks(p datapath.Pod) error {
+	if w, ok := v.maps.get(p.NetnsCookie); !ok || w.Cgroup == "" {
+		return errors.New("no cgroup hooks")
+	}
+	return nil
+}
+
 func (v *fakeView) InboundHooks(p datapath.Pod) error {
 	if w, ok := v.maps.get(p.NetnsCookie); !ok || w.Interface.Name == "" {
 		return errors.New("no hooks")

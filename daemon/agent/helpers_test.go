@@ -23,6 +23,7 @@ import (
 	"github.com/meshlane/meshlane/daemon/api"
 	"github.com/meshlane/meshlane/daemon/datapath"
 	"github.com/meshlane/meshlane/daemon/mesh"
+	"github.com/meshlane/meshlane/daemon/podcgroup"
 	"github.com/meshlane/meshlane/daemon/podns"
 	"github.com/meshlane/meshlane/daemon/podns/podnstest"
 )
@@ -104,6 +105,8 @@ type opts struct {
 	gc       time.Duration
 	profile  *mesh.Profile
 	ready    func() (bool, string)
+	// cgroups puts the agent in pod cgroup scope.
+	cgroups *podcgroup.Resolver
 }
 
 // newAgent makes an agent with a fake datapath and a temp state dir, closed
@@ -127,6 +130,7 @@ func newAgent(t *testing.T, o opts) *agent.Agent {
 		GCInterval: o.gc,
 		Logger:     zaptest.NewLogger(t),
 		Ready:      o.ready,
+		PodCgroups: o.cgroups,
 	})
 	if err != nil {
 		t.Fatalf("agent.New: %v", err)

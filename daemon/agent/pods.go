@@ -98,10 +98,14 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 	}}
 	switch d.Membership {
 	case mesh.Meshed:
+		cg, err := a.podCgroup(ev)
+		if err != nil {
+			return api.PodResponse{}, withStatus(http.StatusBadRequest, fmt.Errorf("ADD %s: %w", ev.ContainerID, err))
+		}
 		if err := prepareNetns(ev.Netns, d.Profile, ips); err != nil {
 			return api.PodResponse{}, withStatus(http.StatusInternalServerError, fmt.Errorf("ADD %s: %w", ev.ContainerID, err))
 		}
-		pod := d.Settings.Pod(cookie, ips, podInterface(ev))
+		pod := d.Settings.Pod(cookie, ips, podInterface(ev), cg)
 		e.rec.State = api.StateMeshed
 		e.rec.Pod = &pod
 	case mesh.NotMeshed:

@@ -312,6 +312,13 @@ func (a *Agent) restoreOne(rec PodRecord) {
 			// Recorded by an agent before the tc hooks: attach them now.
 			rec.Pod.Interface = podInterface(rec.Event)
 		}
+		// The scope may have changed since the pod was recorded.
+		cg, err := a.podCgroup(rec.Event)
+		if err != nil {
+			a.log.Error("restore: the pod's cgroup cannot be resolved (pod cgroup scope)",
+				zap.String("container_id", id), zap.String("pod", podName(rec.Event)), zap.Error(err))
+		}
+		rec.Pod.Cgroup = cg
 		if err := a.maps.UpsertPod(*rec.Pod); err != nil {
 			// Refusing to start would leave the whole node without an
 			// agent (and, fail closed, without new pods). The pod that

@@ -102,11 +102,16 @@ func (a *Agent) promote(ctx context.Context, e *entry, d mesh.Decision) bool {
 		a.log.Error("waiting pod has unparsable addresses; it cannot be meshed", zap.String("container_id", id), zap.Error(err))
 		return true
 	}
+	cg, err := a.podCgroup(e.rec.Event)
+	if err != nil {
+		a.log.Error("sidecar appeared but the pod cannot be meshed", zap.String("container_id", id), zap.Error(err))
+		return true
+	}
 	if err := prepareNetns(e.rec.Event.Netns, d.Profile, ips); err != nil {
 		a.log.Warn("sidecar appeared but preparing its netns failed; retrying", zap.String("container_id", id), zap.Error(err))
 		return false
 	}
-	pod := d.Settings.Pod(cookie, ips, podInterface(e.rec.Event))
+	pod := d.Settings.Pod(cookie, ips, podInterface(e.rec.Event), cg)
 	if err := a.maps.UpsertPod(pod); err != nil {
 		a.log.Warn("sidecar appeared but writing the pod into the datapath maps failed; retrying",
 			zap.String("container_id", id), zap.Error(err))

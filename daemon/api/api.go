@@ -47,15 +47,19 @@ const (
 
 // PodEvent is what the CNI plugin reports on ADD, DEL and CHECK.
 type PodEvent struct {
-	ContainerID      string            `json:"containerID"`
-	Netns            string            `json:"netns,omitempty"`
-	IfName           string            `json:"ifName"`
-	IPs              []string          `json:"ips,omitempty"`
-	PodName          string            `json:"podName,omitempty"`
-	PodNamespace     string            `json:"podNamespace,omitempty"`
-	PodUID           string            `json:"podUID,omitempty"`
-	InfraContainerID string            `json:"infraContainerID,omitempty"`
-	Annotations      map[string]string `json:"annotations,omitzero"` // nil: the runtime passed none; empty: it passed an empty set
+	ContainerID      string   `json:"containerID"`
+	Netns            string   `json:"netns,omitempty"`
+	IfName           string   `json:"ifName"`
+	IPs              []string `json:"ips,omitempty"`
+	PodName          string   `json:"podName,omitempty"`
+	PodNamespace     string   `json:"podNamespace,omitempty"`
+	PodUID           string   `json:"podUID,omitempty"`
+	InfraContainerID string   `json:"infraContainerID,omitempty"`
+	// CgroupPath is the pod's cgroup as the runtime passed it (the CNI
+	// cgroupPath capability): a path under the cgroup2 root, or a systemd
+	// slice name.
+	CgroupPath  string            `json:"cgroupPath,omitempty"`
+	Annotations map[string]string `json:"annotations,omitzero"` // nil: the runtime passed none; empty: it passed an empty set
 }
 
 // PodResponse answers a PodEvent.
@@ -130,6 +134,7 @@ type PodSettings struct {
 	NetnsCookie          uint64
 	IPs                  []netip.Addr
 	Interface            PodInterface
+	Cgroup               string
 	ProxyUID             uint32
 	ProxyGID             uint32
 	OutboundPort         uint16
@@ -171,7 +176,10 @@ type Status struct {
 
 // DatapathStatus is the loaded datapath.
 type DatapathStatus struct {
-	Cgroup  string `json:"cgroup"`
+	Cgroup string `json:"cgroup"`
+	// Scope is where the cgroup programs attach: "node" (to Cgroup) or
+	// "pod" (to each meshed pod's own cgroup).
+	Scope   string `json:"scope"`
 	BPFFS   string `json:"bpffs"`
 	MapsDir string `json:"mapsDir"`
 	Sockmap bool   `json:"sockmap"`

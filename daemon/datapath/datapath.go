@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -37,9 +38,12 @@ const LayoutVersion = 3
 type Options struct {
 	// BPFFS is the pin directory on a bpf filesystem (DefaultBPFFS).
 	BPFFS string
-	// CgroupPath is the cgroup v2 directory the programs attach to; every
-	// process below it is covered.
+	// CgroupPath is the cgroup v2 directory the programs attach to in node
+	// scope; every process below it is covered.
 	CgroupPath string
+	// Scope is ScopeNode (one attachment, at CgroupPath) or ScopePod (one
+	// per meshed pod, at Pod.Cgroup).
+	Scope string
 	// Sockmap turns on the sockops/sk_msg short-circuit.
 	Sockmap bool
 	// Inbound is how the tc programs attach to pod interfaces:
@@ -113,7 +117,13 @@ func LoadDetached(opts Options) (*Datapath, error) {
 	if opts.BPFFS == "" {
 		opts.BPFFS = DefaultBPFFS
 	}
-	if opts.CgroupPath == "" {
+	if err := checkScope(opts.Scope); err != nil {
+		return nil, err
+	}
+	if opts.Scope == "" {
+		opts.Scope = ScopeNode
+	}
+	if opts.Scope == ScopeNode && opts.CgroupPath == "" {
 		return nil, errors.New("datapath: no cgroup path given: pass the cgroup v2 directory to attach to (e.g. the cgroup2 mount root)")
 	}
 	if err := CheckKernel(); err != nil {
@@ -199,6 +209,7 @@ func (d *Datapath) Attach() error {
 	}
 	d.opts.Logger.Info("datapath attached",
 		zap.String("cgroup", d.opts.CgroupPath),
+		zap.String("scope", d.opts.Scope),
 		zap.String("bpffs", d.opts.BPFFS),
 		zap.Bool("sockmap", d.opts.Sockmap),
 		zap.Int("pods", len(d.written)))
@@ -228,15 +239,18 @@ func checkBPFFS(dir string) error {
 	}
 }
 
-// attach attaches every program to the cgroup with a pinned bpf link, or,
-// where a pinned link already exists (agent restart or upgrade), swaps the
-// program in that link atomically so redirection never stops.
-func (d *Datapath) attach() error {
-	cg := []struct {
-		name string
-		prog *ebpf.Program
-		typ  ebpf.AttachType
-	}{
+// cgroupHook is one program the datapath attaches to a cgroup.
+type cgroupHook struct {
+	name string // link and pin file name
+	prog *ebpf.Program
+	typ  ebpf.AttachType
+}
+
+// cgroupHooks are the programs that go on the node's cgroup (node scope)
+// or on each meshed pod's own cgroup (pod scope), sockops last: by then
+// the getsockopt program answers for every socket sockops records.
+func (d *Datapath) cgroupHooks() []cgroupHook {
+	return []cgroupHook{
 		{linkGetsockopt, d.objs.MeshlaneGetsockopt, ebpf.AttachCGroupGetsockopt},
 		{linkConnect4, d.objs.MeshlaneConnect4, ebpf.AttachCGroupInet4Connect},
 		{linkConnect6, d.objs.MeshlaneConnect6, ebpf.AttachCGroupInet6Connect},
@@ -244,22 +258,40 @@ func (d *Datapath) attach() error {
 		{linkSendmsg6, d.objs.MeshlaneSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
 		{linkRecvmsg4, d.objs.MeshlaneRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
 		{linkRecvmsg6, d.objs.MeshlaneRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+		{linkSockops, d.objs.MeshlaneSockops, ebpf.AttachCGroupSockOps},
 	}
-	cgroupID, err := cgroupID(d.opts.CgroupPath)
-	if err != nil {
-		return err
-	}
+}
+
+// attach attaches the sk_msg program to the sockhash and, in node scope,
+// every cgroup program to the node's cgroup with a pinned bpf link; where a
+// pinned link already exists (agent restart or upgrade) it swaps the
+// program in that link atomically so redirection never stops. A scope
+// change removes the other scope's links once this one's are in place.
+func (d *Datapath) attach() error {
 	// sk_msg before sockops: a socket copies the sockhash's programs when it
 	// is inserted, so the verdict program must be there first.
 	if err := d.attachSkMsg(); err != nil {
 		return err
 	}
-	for _, c := range cg {
-		if err := d.attachCgroup(c.name, c.prog, c.typ, cgroupID); err != nil {
+	if d.opts.Scope == ScopePod {
+		// Pod links were attached as the agent restored its pods.
+		return d.removeNodeCgroupLinks()
+	}
+	cgroupID, err := cgroupID(d.opts.CgroupPath)
+	if err != nil {
+		return err
+	}
+	for _, h := range d.cgroupHooks() {
+		l, err := d.attachCgroup(filepath.Join(d.opts.linksDir(), h.name), d.opts.CgroupPath, cgroupID, h)
+		if err != nil {
 			return err
 		}
+		d.links[h.name] = l
 	}
-	return d.attachCgroup(linkSockops, d.objs.MeshlaneSockops, ebpf.AttachCGroupSockOps, cgroupID)
+	if err := os.RemoveAll(podCgroupRoot(d.opts.BPFFS)); err != nil {
+		return fmt.Errorf("datapath: remove the pod-scope links under %s: %w", podCgroupRoot(d.opts.BPFFS), err)
+	}
+	return nil
 }
 
 func cgroupID(path string) (uint64, error) {
@@ -277,39 +309,39 @@ func cgroupID(path string) (uint64, error) {
 	return st.Ino, nil
 }
 
-func (d *Datapath) attachCgroup(name string, prog *ebpf.Program, typ ebpf.AttachType, cgroupID uint64) error {
-	pin := filepath.Join(d.opts.linksDir(), name)
+// attachCgroup attaches h to the cgroup at path with a link pinned at pin,
+// or updates the link already pinned there for that cgroup.
+func (d *Datapath) attachCgroup(pin, path string, cgroupID uint64, h cgroupHook) (link.Link, error) {
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 		info, ierr := l.Info()
 		if ierr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == cgroupID {
-			if err := l.Update(prog); err != nil {
+			if err := l.Update(h.prog); err != nil {
 				l.Close()
-				return fmt.Errorf("datapath: update pinned %s link: %w", name, err)
+				return nil, fmt.Errorf("datapath: update pinned %s link: %w", pin, err)
 			}
-			d.links[name] = l
-			return nil
+			return l, nil
 		}
-		// Pinned for another cgroup (the flag changed): replace it.
-		d.opts.Logger.Warn("pinned link is attached to another cgroup; re-attaching", zap.String("link", name))
+		// Pinned for another cgroup (the flag changed, or the pod's cgroup
+		// was made anew): replace it.
+		d.opts.Logger.Warn("pinned link is attached to another cgroup; re-attaching", zap.String("link", pin), zap.String("cgroup", path))
 		if err := l.Unpin(); err != nil {
 			l.Close()
-			return fmt.Errorf("datapath: unpin stale %s link: %w", name, err)
+			return nil, fmt.Errorf("datapath: unpin stale %s link: %w", pin, err)
 		}
 		l.Close()
 	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("datapath: open pinned %s link %s: %w (remove it to re-attach)", name, pin, err)
+		return nil, fmt.Errorf("datapath: open pinned %s link %s: %w (remove it to re-attach)", h.name, pin, err)
 	}
 
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: d.opts.CgroupPath, Attach: typ, Program: prog})
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: path, Attach: h.typ, Program: h.prog})
 	if err != nil {
-		return fmt.Errorf("datapath: attach %s to cgroup %s: %w", name, d.opts.CgroupPath, err)
+		return nil, fmt.Errorf("datapath: attach %s to cgroup %s: %w", h.name, path, err)
 	}
 	if err := l.Pin(pin); err != nil {
 		l.Close()
-		return fmt.Errorf("datapath: pin %s link at %s: %w", name, pin, err)
+		return nil, fmt.Errorf("datapath: pin %s link at %s: %w", h.name, pin, err)
 	}
-	d.links[name] = l
-	return nil
+	return l, nil
 }
 
 // attachSkMsg attaches (or, with Sockmap off, removes) the sk_msg program on
@@ -381,12 +413,16 @@ func (d *Datapath) Close() error {
 // every pin, then closes. Connections already redirected keep working; new
 // ones take the normal path.
 func (d *Datapath) Uninstall() error {
-	errs := detach(d.links, func() error { return emptyMap(d.objs.MeshlanePodips) })
+	links, errs := pinnedPodCgroupLinks(d.opts.BPFFS)
+	for name, l := range d.links {
+		links[filepath.Join(d.opts.linksDir(), name)] = l
+	}
+	errs = append(errs, detach(links, func() error { return emptyMap(d.objs.MeshlanePodips) })...)
 	d.links = map[string]link.Link{}
 	errs = append(errs, d.removeLegacyInbound())
 	errs = append(errs, d.Close())
 	errs = append(errs, os.RemoveAll(d.opts.mapsDir()), os.RemoveAll(d.opts.linksDir()),
-		os.RemoveAll(inboundRoot(d.opts.BPFFS)))
+		os.RemoveAll(inboundRoot(d.opts.BPFFS)), os.RemoveAll(podCgroupRoot(d.opts.BPFFS)))
 	if err := os.Remove(d.opts.BPFFS); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}
@@ -407,25 +443,26 @@ var redirectLinks = []string{linkConnect4, linkConnect6, linkSendmsg4, linkSendm
 // going (seen in 5 of 32 uninstalls under traffic).
 const DetachGrace = time.Second
 
-// detach unpins and closes links (which detaches them): first the hooks
-// that start redirections, and stopNewFlows, which keeps the tc programs
+// detach unpins and closes links (which detaches them), keyed by their pin
+// paths: first the hooks that start redirections (of the node or of any
+// pod), and stopNewFlows, which keeps the tc programs
 // from starting any (they stay, and so do their flows, until the caller
 // removes them); then, after DetachGrace, the rest.
 func detach(links map[string]link.Link, stopNewFlows func() error) []error {
 	var errs []error
-	drop := func(name string, l link.Link) {
+	drop := func(pin string, l link.Link) {
 		if err := l.Unpin(); err != nil {
-			errs = append(errs, fmt.Errorf("unpin %s: %w", name, err))
+			errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
 		}
 		if err := l.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("close %s: %w", name, err))
+			errs = append(errs, fmt.Errorf("close %s: %w", pin, err))
 		}
-		delete(links, name)
+		delete(links, pin)
 	}
 	stopped := false
-	for _, name := range redirectLinks {
-		if l, ok := links[name]; ok {
-			drop(name, l)
+	for pin, l := range links {
+		if slices.Contains(redirectLinks, filepath.Base(pin)) {
+			drop(pin, l)
 			stopped = true
 		}
 	}
@@ -446,23 +483,11 @@ func detach(links map[string]link.Link, stopNewFlows func() error) []error {
 // and the maps are removed. It is what `meshlane-agent uninstall` runs on a
 // node; running it twice is fine.
 func RemovePins(bpffs string) error {
-	var errs []error
-	pins, err := filepath.Glob(filepath.Join(bpffs, "links", "*"))
-	if err != nil {
-		return err
-	}
-	links := map[string]link.Link{}
-	for _, pin := range pins {
-		l, err := link.LoadPinnedLink(pin, nil)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("open pinned link %s: %w", pin, err))
-			continue
-		}
-		links[filepath.Base(pin)] = l
-	}
+	links, errs := loadPinnedLinks(filepath.Join(bpffs, "links", "*"), filepath.Join(podCgroupRoot(bpffs), "*", "*"))
 	errs = append(errs, detach(links, func() error { return emptyPinnedPodIPs(bpffs) })...)
 	errs = append(errs, removePinnedLegacyInbound(bpffs))
-	errs = append(errs, os.RemoveAll(filepath.Join(bpffs, "links")), os.RemoveAll(inboundRoot(bpffs)))
+	errs = append(errs, os.RemoveAll(filepath.Join(bpffs, "links")), os.RemoveAll(inboundRoot(bpffs)),
+		os.RemoveAll(podCgroupRoot(bpffs)))
 	maps, err := filepath.Glob(filepath.Join(bpffs, "maps-v*"))
 	if err != nil {
 		return err
@@ -474,4 +499,32 @@ func RemovePins(bpffs string) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// pinnedPodCgroupLinks opens the pod-scope cgroup links pinned under bpffs.
+func pinnedPodCgroupLinks(bpffs string) (map[string]link.Link, []error) {
+	return loadPinnedLinks(filepath.Join(podCgroupRoot(bpffs), "*", "*"))
+}
+
+// loadPinnedLinks opens the links pinned at the paths the patterns match,
+// keyed by pin path.
+func loadPinnedLinks(patterns ...string) (map[string]link.Link, []error) {
+	links := map[string]link.Link{}
+	var errs []error
+	for _, pattern := range patterns {
+		pins, err := filepath.Glob(pattern)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, pin := range pins {
+			l, err := link.LoadPinnedLink(pin, nil)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("open pinned link %s: %w", pin, err))
+				continue
+			}
+			links[pin] = l
+		}
+	}
+	return links, errs
 }

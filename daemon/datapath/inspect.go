@@ -41,9 +41,11 @@ type Feature struct {
 // Info describes the running datapath.
 type Info struct {
 	CgroupPath string
-	BPFFS      string
-	MapsDir    string
-	Sockmap    bool
+	// Scope is ScopeNode or ScopePod.
+	Scope   string
+	BPFFS   string
+	MapsDir string
+	Sockmap bool
 	// Inbound is how the tc programs sit on pod interfaces: tcx or tc.
 	Inbound  string
 	Links    []LinkInfo
@@ -55,6 +57,7 @@ type Info struct {
 func (d *Datapath) Info() Info {
 	info := Info{
 		CgroupPath: d.opts.CgroupPath,
+		Scope:      d.opts.Scope,
 		BPFFS:      d.opts.BPFFS,
 		MapsDir:    d.opts.mapsDir(),
 		Sockmap:    d.opts.Sockmap,

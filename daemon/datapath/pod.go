@@ -14,6 +14,9 @@ type Pod struct {
 	// outside the node to the inbound listener. Without it (zero value),
 	// only the connect hooks redirect.
 	Interface PodInterface
+	// Cgroup is the pod's cgroup v2 directory, where the cgroup programs
+	// go in pod scope (ScopePod); node scope ignores it.
+	Cgroup string
 
 	// ProxyUID and ProxyGID identify the sidecar's own processes: their
 	// connections are never sent to the pod's outbound listener.

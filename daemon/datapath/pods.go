@@ -168,8 +168,8 @@ func (p Pod) value() bpf.MeshlaneMlPod {
 }
 
 // UpsertPod writes a meshed pod, or replaces what was written for it, then
-// attaches the tc programs to its interface (which read the maps, so they
-// come second). Rules are written before the pod's own entry and stale
+// attaches the tc programs to its interface and, in pod scope, the cgroup
+// programs to its cgroup (which read the maps, so they come second). Rules are written before the pod's own entry and stale
 // rules removed after it, so a concurrent connect() sees either the old
 // settings or the new ones, never a pod without its exclusions. A full map
 // is an error naming it. A new pod whose hooks cannot be attached is taken
@@ -183,7 +183,7 @@ func (d *Datapath) UpsertPod(p Pod) error {
 	if err != nil {
 		return err
 	}
-	if err := d.attachInbound(p); err != nil {
+	if err := errors.Join(d.attachInbound(p), d.attachPodCgroup(p)); err != nil {
 		if isNew {
 			err = errors.Join(err, d.DeletePod(p))
 		}
@@ -230,10 +230,11 @@ func (d *Datapath) upsertMaps(p Pod) (isNew bool, err error) {
 	return isNew, d.deleteStale(p.NetnsCookie, old, want)
 }
 
-// DeletePod removes the pod's tc programs, then every map entry of the pod.
-// Deleting a pod that is not there is not an error: DEL must be idempotent.
+// DeletePod removes the pod's cgroup and tc programs, then every map entry
+// of the pod. Deleting a pod that is not there is not an error: DEL must be
+// idempotent.
 func (d *Datapath) DeletePod(p Pod) error {
-	if err := d.detachInbound(p); err != nil {
+	if err := errors.Join(d.detachPodCgroup(p), d.detachInbound(p)); err != nil {
 		return err
 	}
 	d.mu.Lock()

@@ -303,7 +303,7 @@ type entry struct {
 func (c Config) pluginEntry() (json.RawMessage, error) {
 	e := entry{
 		Type:              PluginType,
-		Capabilities:      map[string]bool{annotationsCapability: true},
+		Capabilities:      map[string]bool{annotationsCapability: true, cgroupPathCapability: true},
 		Socket:            c.Socket,
 		FailPolicy:        c.FailPolicy,
 		LogLevel:          c.LogLevel,

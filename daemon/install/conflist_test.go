@@ -133,8 +133,10 @@ func checkChained(t *testing.T, out []byte, wantOthers []json.RawMessage) {
 	if last.Network.Type != PluginType {
 		t.Fatalf("last plugin is %q, want %s", last.Network.Type, PluginType)
 	}
-	if !last.Network.Capabilities[annotationsCapability] {
-		t.Errorf("meshlane entry does not ask for %s: %s", annotationsCapability, last.Bytes)
+	for _, c := range []string{annotationsCapability, cgroupPathCapability} {
+		if !last.Network.Capabilities[c] {
+			t.Errorf("meshlane entry does not ask for %s: %s", c, last.Bytes)
+		}
 	}
 	var n int
 	for _, p := range list.Plugins {
@@ -281,7 +283,7 @@ func TestPluginEntryOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `{"type":"meshlane-cni","capabilities":{"io.kubernetes.cri.pod-annotations":true},"socket":"/run/meshlane/a.sock","timeout":"1.5s","failPolicy":"open","logLevel":"debug","excludeNamespaces":["meshlane-system","kube-system"]}`
+	want := `{"type":"meshlane-cni","capabilities":{"cgroupPath":true,"io.kubernetes.cri.pod-annotations":true},"socket":"/run/meshlane/a.sock","timeout":"1.5s","failPolicy":"open","logLevel":"debug","excludeNamespaces":["meshlane-system","kube-system"]}`
 	if string(raw) != want {
 		t.Errorf("entry = %s\nwant    %s", raw, want)
 	}

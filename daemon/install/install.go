@@ -26,6 +26,10 @@ const PluginType = "meshlane-cni"
 // annotations in runtimeConfig; the plugin decides mesh membership from them.
 const annotationsCapability = "io.kubernetes.cri.pod-annotations"
 
+// cgroupPathCapability asks the runtime for the pod's cgroup, where an
+// agent with --cgroup-scope pod attaches the programs.
+const cgroupPathCapability = "cgroupPath"
+
 // Defaults for the plugin options; they match the plugin's own defaults
 // (plugin/config.go), written out so the conflist says what is in force.
 const (

@@ -82,15 +82,17 @@ type Settings struct {
 
 // Pod returns the datapath's view of the pod with network namespace cookie,
 // addresses ips and interface ifc (where its inbound tc programs go; the
-// zero value for none). It copies every slice, so the result may be kept
+// zero value for none) and cgroup (where its cgroup programs go in pod
+// scope; "" in node scope). It copies every slice, so the result may be kept
 // and changed independently of s and ips; ips are sorted and deduplicated.
-func (s Settings) Pod(cookie uint64, ips []netip.Addr, ifc datapath.PodInterface) datapath.Pod {
+func (s Settings) Pod(cookie uint64, ips []netip.Addr, ifc datapath.PodInterface, cgroup string) datapath.Pod {
 	addrs := slices.Clone(ips)
 	slices.SortFunc(addrs, netip.Addr.Compare)
 	return datapath.Pod{
 		NetnsCookie:          cookie,
 		IPs:                  slices.Compact(addrs),
 		Interface:            ifc,
+		Cgroup:               cgroup,
 		ProxyUID:             s.ProxyUID,
 		ProxyGID:             s.ProxyGID,
 		OutboundPort:         s.OutboundPort,

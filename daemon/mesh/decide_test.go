@@ -525,7 +525,7 @@ func TestSettingsPodFillsEveryField(t *testing.T) {
 	}
 	ip4, ip6 := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("fd00::5")
 	ips := []netip.Addr{ip6, ip4, ip6}
-	pod := s.Pod(42, ips, datapath.PodInterface{Netns: "/run/netns/x", Name: "eth0"})
+	pod := s.Pod(42, ips, datapath.PodInterface{Netns: "/run/netns/x", Name: "eth0"}, "/sys/fs/cgroup/kubepods/pod1")
 
 	v := reflect.ValueOf(pod)
 	for i := range v.NumField() {
@@ -587,7 +587,7 @@ func TestIstioDNSCapture(t *testing.T) {
 			t.Errorf("%q: %v", c.value, err)
 			continue
 		}
-		pod := d.Settings.Pod(1, nil, datapath.PodInterface{})
+		pod := d.Settings.Pod(1, nil, datapath.PodInterface{}, "")
 		if pod.DNSCapture != c.capture || (c.capture && pod.DNSPort != 15053) {
 			t.Errorf("%q: capture %v port %d, want %v", c.value, pod.DNSCapture, pod.DNSPort, c.capture)
 		}

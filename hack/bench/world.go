@@ -187,7 +187,7 @@ func meshPod(dp *datapath.Datapath, p *testenv.Pod) error {
 	// On eth0 too, as the agent does: the tc programs see every packet
 	// the pod sends.
 	ifc := datapath.PodInterface{Netns: p.NetnsPath, Name: "eth0"}
-	if err := dp.UpsertPod(d.Settings.Pod(p.NetnsCookie, ips, ifc)); err != nil {
+	if err := dp.UpsertPod(d.Settings.Pod(p.NetnsCookie, ips, ifc, "")); err != nil {
 		return fmt.Errorf("write pod %s into the datapath: %w", p.Name, err)
 	}
 	return nil

@@ -231,7 +231,7 @@ func (n *Node) conflist(chained bool) ([]byte, error) {
 			"failPolicy":   n.opts.FailPolicy,
 			"timeout":      "5s",
 			"logLevel":     "warn",
-			"capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
+			"capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true, "cgroupPath": true},
 		})
 	}
 	conf := map[string]any{"cniVersion": n.opts.CNIVersion, "name": "meshlane-test", "plugins": plugins}

@@ -55,6 +55,10 @@ type node struct {
 	n     int
 	// inbound is the tc hook mode the datapath loads with.
 	inbound string
+	// scope is where the cgroup programs attach; in pod scope every pod
+	// gets a cgroup of its own below cg (podCgroups) for its processes.
+	scope      string
+	podCgroups map[*testenv.Pod]*testenv.Cgroup
 }
 
 // nodes numbers the nodes of this test binary: bridge names must differ.
@@ -68,8 +72,16 @@ func newNode(t *testing.T, sockmap bool) *node {
 // newNodeInbound is newNode with the tc hooks attached in the given mode.
 func newNodeInbound(t *testing.T, sockmap bool, inbound string) *node {
 	t.Helper()
+	return newNodeScope(t, sockmap, inbound, datapath.ScopeNode)
+}
+
+// newNodeScope is newNodeInbound with the cgroup programs attached in the
+// given scope.
+func newNodeScope(t *testing.T, sockmap bool, inbound, scope string) *node {
+	t.Helper()
 	testenv.RequireRoot(t)
-	n := &node{t: t, cg: testenv.TempCgroup(t), bpffs: filepath.Join(testenv.BPFFS(t), "meshlane"), inbound: inbound}
+	n := &node{t: t, cg: testenv.TempCgroup(t), bpffs: filepath.Join(testenv.BPFFS(t), "meshlane"), inbound: inbound,
+		scope: scope, podCgroups: map[*testenv.Pod]*testenv.Cgroup{}}
 	reloadNode(t, n, sockmap)
 	t.Cleanup(func() {
 		if err := n.dp.Uninstall(); err != nil {
@@ -90,7 +102,7 @@ func newNodeInbound(t *testing.T, sockmap bool, inbound string) *node {
 // start (or restart, when the node's previous datapath was closed) does.
 func reloadNode(t *testing.T, n *node, sockmap bool) {
 	t.Helper()
-	dp, err := datapath.Load(datapath.Options{BPFFS: n.bpffs, CgroupPath: n.cg.Path, Sockmap: sockmap, Inbound: n.inbound})
+	dp, err := datapath.Load(datapath.Options{BPFFS: n.bpffs, CgroupPath: n.cg.Path, Scope: n.scope, Sockmap: sockmap, Inbound: n.inbound})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +114,29 @@ func (n *node) pod(label string) *testenv.Pod {
 	n.t.Helper()
 	n.n++
 	v4, v6 := n.br.Addr(10 + n.n)
-	return testenv.NewPod(n.t, n.br, label, v4, v6)
+	p := testenv.NewPod(n.t, n.br, label, v4, v6)
+	if n.scope == datapath.ScopePod {
+		cg, err := testenv.NewCgroup(n.cg.Path, "pod-"+label)
+		if err != nil {
+			n.t.Fatal(err)
+		}
+		n.t.Cleanup(func() {
+			if err := cg.Destroy(); err != nil {
+				n.t.Errorf("remove cgroup of pod %s: %v", label, err)
+			}
+		})
+		n.podCgroups[p] = cg
+	}
+	return p
+}
+
+// cgroupOf is the cgroup p's processes run in: the pod's own in pod
+// scope, the node's otherwise.
+func (n *node) cgroupOf(p *testenv.Pod) *testenv.Cgroup {
+	if cg, ok := n.podCgroups[p]; ok {
+		return cg
+	}
+	return n.cg
 }
 
 func podIPs(p *testenv.Pod) []netip.Addr {
@@ -143,7 +177,11 @@ func (n *node) meshPod(p *testenv.Pod, prof mesh.Profile, ann map[string]string,
 	if d.Membership != mesh.Meshed {
 		n.t.Fatalf("pod %s: decided %v, want meshed", p.Name, d.Membership)
 	}
-	dp := d.Settings.Pod(p.NetnsCookie, podIPs(p), ifc)
+	var cgroup string
+	if cg, ok := n.podCgroups[p]; ok {
+		cgroup = cg.Path
+	}
+	dp := d.Settings.Pod(p.NetnsCookie, podIPs(p), ifc, cgroup)
 	if err := n.dp.UpsertPod(dp); err != nil {
 		n.t.Fatal(err)
 	}
@@ -161,7 +199,7 @@ func (n *node) sidecar(p *testenv.Pod, prof mesh.Profile, extra ...string) strin
 		args = append(args, "--outbound", "127.0.0.1:4140,[::1]:4140", "--inbound", "0.0.0.0:4143,[::]:4143")
 	}
 	args = append(args, extra...)
-	p.Start(n.t, testenv.ProcOpts{UID: prof.ProxyUID, GID: prof.ProxyGID, Cgroup: n.cg, Args: args})
+	p.Start(n.t, testenv.ProcOpts{UID: prof.ProxyUID, GID: prof.ProxyGID, Cgroup: n.cgroupOf(p), Args: args})
 	if err := testenv.WaitFile(ready, 10*time.Second); err != nil {
 		n.t.Fatalf("sidecar in %s: %v", p.Name, err)
 	}
@@ -176,7 +214,7 @@ func (n *node) server(p *testenv.Pod, name string, ports ...int) {
 		ls = append(ls, fmt.Sprintf("0.0.0.0:%d", port), fmt.Sprintf("[::]:%d", port))
 	}
 	ready := filepath.Join(testenv.ScratchDir(n.t), "ready")
-	p.Start(n.t, testenv.ProcOpts{UID: appUID, GID: appUID, Cgroup: n.cg,
+	p.Start(n.t, testenv.ProcOpts{UID: appUID, GID: appUID, Cgroup: n.cgroupOf(p),
 		Args: []string{n.bin, "server", "--name", name, "--listen", strings.Join(ls, ","), "--ready", ready}})
 	if err := testenv.WaitFile(ready, 10*time.Second); err != nil {
 		n.t.Fatalf("server in %s: %v", p.Name, err)
@@ -228,6 +266,9 @@ func (n *node) tryClientWithin(limit time.Duration, w where, to string, args ...
 	defer out.Close()
 	opts := testenv.ProcOpts{UID: w.uid, GID: w.gid, Cgroup: n.cg, Stdout: out,
 		Args: append([]string{n.bin, "client", "--to", to, "--timeout", "5s"}, args...)}
+	if w.pod != nil {
+		opts.Cgroup = n.cgroupOf(w.pod)
+	}
 	if w.cg != nil {
 		opts.Cgroup = w.cg
 	}
