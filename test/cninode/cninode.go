@@ -72,7 +72,14 @@ type Options struct {
 	// Dir holds the node's socket, state, CNI cache and IPAM data.
 	Dir string
 	// Cgroup the agent attaches the datapath to; pod processes go there.
+	// With PodCgroups, every pod gets a cgroup of its own below it.
 	Cgroup *testenv.Cgroup
+	// PodCgroups runs the agent with --cgroup-scope pod: each pod gets a
+	// cgroup below Cgroup before its ADD, as kubelet makes one before the
+	// sandbox, passed to the chain as the cgroupPath capability (relative
+	// to the cgroup2 mount, as containerd passes it with the cgroupfs
+	// driver), and removed after its DEL.
+	PodCgroups bool
 	// BPFFS is the agent's pin directory, on a bpf filesystem.
 	BPFFS string
 	// CNIVersion of the conflist (what the runtime injects into every
@@ -254,6 +261,7 @@ func (n *Node) StartAgent() error {
 		"--profile", n.opts.Profile,
 		"--log-format", "console",
 		fmt.Sprintf("--sockmap=%v", n.opts.Sockmap),
+		"--cgroup-scope", scope(n.opts.PodCgroups),
 		// No TCP probe port: several simulated nodes may run at once.
 		"--probe-addr=",
 	}
@@ -283,6 +291,13 @@ func (n *Node) StartAgent() error {
 			return errors.New("agent not ready within 30s (see its log)")
 		}
 	}
+}
+
+func scope(podCgroups bool) string {
+	if podCgroups {
+		return "pod"
+	}
+	return "node"
 }
 
 // AgentPid is the running agent's process ID, 0 when no agent runs: for
@@ -334,7 +349,11 @@ type Pod struct {
 	// name): each plugin process's time within that call.
 	AddTook, DelTook       time.Duration
 	AddPlugins, DelPlugins map[string]time.Duration
-	rt                     *libcni.RuntimeConf
+	// Cgroup is the pod's own cgroup (PodCgroups); nil otherwise.
+	Cgroup *testenv.Cgroup
+	// cgroupPath is Cgroup as the runtime names it to the chain.
+	cgroupPath string
+	rt         *libcni.RuntimeConf
 }
 
 func (n *Node) runtimeConf(p *Pod) *libcni.RuntimeConf {
@@ -350,8 +369,12 @@ func (n *Node) runtimeConf(p *Pod) *libcni.RuntimeConf {
 			{"K8S_POD_UID", "uid-" + p.ContainerID},
 		},
 	}
+	rt.CapabilityArgs = map[string]any{}
 	if p.Annotations != nil {
-		rt.CapabilityArgs = map[string]any{"io.kubernetes.cri.pod-annotations": p.Annotations}
+		rt.CapabilityArgs["io.kubernetes.cri.pod-annotations"] = p.Annotations
+	}
+	if p.Cgroup != nil {
+		rt.CapabilityArgs["cgroupPath"] = p.cgroupPath
 	}
 	return rt
 }
@@ -376,8 +399,38 @@ func (n *Node) sandbox(namespace, name string, annotations map[string]string) (*
 		return nil, fmt.Errorf("bring up lo in %s: %w", path, err)
 	}
 	p := &Pod{Name: name, Namespace: namespace, ContainerID: "ctr-" + filepath.Base(path), NetnsPath: path, Annotations: annotations}
+	if n.opts.PodCgroups {
+		if err := n.podCgroup(p); err != nil {
+			testenv.DeleteNetns(path)
+			return nil, err
+		}
+	}
 	p.rt = n.runtimeConf(p)
 	return p, nil
+}
+
+// podCgroup makes the pod's own cgroup below the node's.
+func (n *Node) podCgroup(p *Pod) error {
+	mount, err := testenv.Cgroup2Mount()
+	if err != nil {
+		return err
+	}
+	cg, err := testenv.NewCgroup(n.opts.Cgroup.Path, "pod-"+filepath.Base(p.NetnsPath))
+	if err != nil {
+		return err
+	}
+	p.Cgroup, p.cgroupPath = cg, strings.TrimPrefix(cg.Path, mount)
+	return nil
+}
+
+// removeSandbox drops the pod's netns and cgroup, as a runtime and kubelet
+// do once the pod is gone.
+func removeSandbox(p *Pod) error {
+	err := testenv.DeleteNetns(p.NetnsPath)
+	if p.Cgroup != nil {
+		err = errors.Join(err, p.Cgroup.Destroy())
+	}
+	return err
 }
 
 // AddPod creates the pod's netns and runs the chain's ADD. annotations nil
@@ -387,7 +440,6 @@ func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations m
 	if err != nil {
 		return nil, err
 	}
-	path := p.NetnsPath
 	tctx, times := timePlugins(ctx)
 	start := time.Now()
 	res, err := n.cni.AddNetworkList(tctx, n.list, p.rt)
@@ -395,7 +447,7 @@ func (n *Node) AddPod(ctx context.Context, namespace, name string, annotations m
 	if err != nil {
 		// What a runtime does when ADD fails: DEL, then drop the sandbox.
 		n.cni.DelNetworkList(ctx, n.list, p.rt)
-		testenv.DeleteNetns(path)
+		removeSandbox(p)
 		return nil, err
 	}
 	r, err := current.NewResultFromResult(res)
@@ -420,7 +472,7 @@ func (n *Node) DelPod(ctx context.Context, p *Pod) error {
 	start := time.Now()
 	err := n.cni.DelNetworkList(tctx, n.list, p.rt)
 	p.DelTook, p.DelPlugins = time.Since(start), times.get()
-	return errors.Join(err, testenv.DeleteNetns(p.NetnsPath))
+	return errors.Join(err, removeSandbox(p))
 }
 
 // CheckPod runs the chain's CHECK.

@@ -127,10 +127,19 @@ func (e *env) add(name string, ann map[string]string) *cninode.Pod {
 	return p
 }
 
-// start runs podbin in a pod, inside the node's cgroup.
+// cgroupOf is where p's processes run: the pod's own cgroup when the node
+// makes one per pod, the node's otherwise.
+func (e *env) cgroupOf(p *cninode.Pod) *testenv.Cgroup {
+	if p.Cgroup != nil {
+		return p.Cgroup
+	}
+	return e.cg
+}
+
+// start runs podbin in a pod, inside the pod's cgroup.
 func (e *env) start(p *cninode.Pod, uid uint32, args ...string) {
 	e.t.Helper()
-	proc, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: uid, GID: uid, Cgroup: e.cg, Args: append([]string{e.bin}, args...)})
+	proc, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: uid, GID: uid, Cgroup: e.cgroupOf(p), Args: append([]string{e.bin}, args...)})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -274,7 +283,7 @@ func hasOrig(ev []wire.SidecarEvent, orig string) bool {
 }
 
 func runIn(e *env, p *cninode.Pod, uid uint32, args ...string) ([]byte, error) {
-	return runInCgroup(e, p, e.cg, uid, 30*time.Second, args...)
+	return runInCgroup(e, p, e.cgroupOf(p), uid, 30*time.Second, args...)
 }
 
 // runInCgroup runs podbin in pod p inside cgroup cg as uid, waits up to

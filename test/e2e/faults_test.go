@@ -174,7 +174,7 @@ func eachEntry(e *env, name string, key, value any, fn func(key, value any)) {
 func redirected(e *env, p *cninode.Pod, to string) {
 	e.t.Helper()
 	events := filepath.Join(testenv.ScratchDir(e.t), "sidecar-"+p.Name)
-	proc, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: mesh.Istio.ProxyUID, GID: mesh.Istio.ProxyUID, Cgroup: e.cg,
+	proc, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: mesh.Istio.ProxyUID, GID: mesh.Istio.ProxyUID, Cgroup: e.cgroupOf(p),
 		Args: []string{e.bin, "sidecar", "--events", events, "--ready", events + ".ready"}})
 	if err != nil {
 		e.t.Fatal(err)
