@@ -166,7 +166,7 @@ func runConnectAB(args []string) error {
 	fs := flag.NewFlagSet(connectABArg, flag.ContinueOnError)
 	to := fs.String("to", "", "IPv4 listener ip:port")
 	links := fs.String("links", "", "the datapath's pinned links directory")
-	cgroup := fs.String("cgroup", "", "the cgroup this process runs in, to attach to")
+	cgroup := fs.String("cgroup", "", "the cgroup to attach to: the one this process runs in (node scope), or another (pod scope: a meshed pod's, this process playing a pod that is not meshed)")
 	pairs := fs.Int("pairs", 100, "slice pairs")
 	slice := fs.Duration("slice", 100*time.Millisecond, "length of one slice")
 	if err := fs.Parse(args); err != nil {

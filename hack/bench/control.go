@@ -12,6 +12,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/meshlane/meshlane/daemon/datapath"
 	"github.com/meshlane/meshlane/daemon/mesh"
 	"github.com/meshlane/meshlane/test/cninode"
 	"github.com/meshlane/meshlane/test/testenv"
@@ -159,6 +160,7 @@ func (n *node) startControl(round int, mode string) (_ *controlRun, err error) {
 		}
 		c.undo.add("close agent log", log.Close)
 		opts.Cgroup, opts.BPFFS, opts.AgentLog = n.controlCg, pins, log
+		opts.PodCgroups = n.cfg.CgroupScope == datapath.ScopePod
 	}
 	if c.node, err = cninode.Start(opts); err != nil {
 		return nil, fmt.Errorf("%w (agent log: %s)", err, n.logPath(tag+"-agent"))

@@ -5,6 +5,8 @@ import (
 	"math"
 	"slices"
 	"strings"
+
+	"github.com/meshlane/meshlane/daemon/datapath"
 )
 
 // percentile is the nearest-rank p-th percentile of v (0 < p <= 100): the
@@ -165,10 +167,10 @@ func (rep *Report) controlSection() string {
 	p("## Control path: CNI ADD and DEL, agent footprint")
 	p("")
 	p("%d pods added one after the other through libcni (AddNetworkList, as containerd calls it), then deleted in the same order (DelNetworkList); creating and removing each pod's network namespace is not timed. "+
-		"`%s`: the conflist of the reference bridge + host-local plugins alone, no agent. `%s`: the same with meshlane-cni chained last and meshlane-agent running (defaults: Istio profile, short-circuit off, log level info; --inbound-hooks %s: a meshed pod's ADD attaches the tc programs to its eth0). "+
+		"`%s`: the conflist of the reference bridge + host-local plugins alone, no agent. `%s`: the same with meshlane-cni chained last and meshlane-agent running (defaults: Istio profile, short-circuit off, log level info; --inbound-hooks %s: a meshed pod's ADD attaches the tc programs to its eth0; --cgroup-scope %s). "+
 		"Every other pod is annotated as Istio-injected (`sidecar.istio.io/status`, so the agent meshes it); the rest carry no mesh annotation. "+
 		"Each mode and round gets a fresh node (directory, bridge, agent and pins); the two modes swap order every round.",
-		rep.Config.Pods, modePrimary, modePrimaryMeshlane, inboundFlag(rep.Config.Inbound))
+		rep.Config.Pods, modePrimary, modePrimaryMeshlane, inboundFlag(rep.Config.Inbound), scopeFlag(rep.Config.CgroupScope))
 	p("")
 	p("Cells: mean (min–max) over the good rounds of each run's percentile (nearest rank over the run's %d calls); \"added by meshlane\" is %s minus %s within each round. "+
 		"Agent memory is VmRSS and VmHWM from /proc/<pid>/status, its CPU time utime+stime from /proc/<pid>/stat.", rep.Config.Pods, modePrimaryMeshlane, modePrimary)
@@ -201,6 +203,16 @@ func statCell(stats map[string]Stat, mode string) string {
 		cell += fmt.Sprintf(" (%s–%s)", fmtValue(s.Min), fmtValue(s.Max))
 	}
 	return cell
+}
+
+// scopeFlag is the --cgroup-scope value a report names, with what it
+// means for a meshed pod's ADD; results.json files written before the flag
+// ran node scope.
+func scopeFlag(v string) string {
+	if v == datapath.ScopePod {
+		return "pod: every pod has a cgroup of its own, passed as cgroupPath, and a meshed pod's ADD attaches the eight cgroup programs to it"
+	}
+	return "node: the cgroup programs are attached once, at the agent's start"
 }
 
 // inboundFlag is the --inbound-hooks value a report names; results.json

@@ -54,6 +54,10 @@ type config struct {
 	// Inbound is how the tc programs attach to meshed pods' interfaces,
 	// in the data-path worlds and for the control path's agent.
 	Inbound string `json:"inboundHooks,omitempty"`
+	// CgroupScope is the control path agent's --cgroup-scope: in pod scope
+	// every pod gets a cgroup passed as cgroupPath, and a meshed pod's ADD
+	// attaches the cgroup programs to it.
+	CgroupScope string `json:"cgroupScope,omitempty"`
 	// Pods is how many pods the control workload adds and deletes.
 	Pods      int    `json:"pods"`
 	BulkBytes int    `json:"bulkBytes"`
@@ -171,6 +175,7 @@ func parseFlags(args []string) (config, error) {
 	bulk := fs.Int("bulk-bytes", 4<<20, "response body size of the bulk workload")
 	sidecar := fs.String("sidecar", sidecarC, "sidecar in pods A and B: c (the C epoll one, lighter) or go (podbin sidecar)")
 	inbound := fs.String("inbound-hooks", datapath.InboundAuto, "how meshlane's tc programs attach to meshed pods' interfaces: auto, tcx or tc (meshlane-agent's flag of the same name)")
+	scope := fs.String("cgroup-scope", datapath.ScopeNode, "the control workload agent's --cgroup-scope: node, or pod (each pod gets a cgroup, passed as cgroupPath; a meshed pod's ADD attaches the cgroup programs to it)")
 	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
 	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")
 	rerender := fs.String("rerender", "", "measure nothing: rewrite results.md and the charts in this earlier run's directory from its results.json")
@@ -181,7 +186,7 @@ func parseFlags(args []string) (config, error) {
 		return config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg := config{Rounds: *rounds, Duration: *dur, Warmup: *warmup, Quick: *quick, CloseConns: *closeConns,
-		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar, Inbound: *inbound}
+		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar, Inbound: *inbound, CgroupScope: *scope}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if cfg.Quick {
@@ -232,6 +237,9 @@ func parseFlags(args []string) (config, error) {
 		return cfg, fmt.Errorf("--sidecar %q: want %s or %s", cfg.Sidecar, sidecarC, sidecarGo)
 	case cfg.Pods < 1 || cfg.Pods > maxPods:
 		return cfg, fmt.Errorf("--pods %d: want 1 to %d", cfg.Pods, maxPods)
+	}
+	if cfg.CgroupScope != datapath.ScopeNode && cfg.CgroupScope != datapath.ScopePod {
+		return cfg, fmt.Errorf("--cgroup-scope %q: want %s or %s", cfg.CgroupScope, datapath.ScopeNode, datapath.ScopePod)
 	}
 	switch cfg.Inbound {
 	case datapath.InboundAuto, datapath.InboundTCX, datapath.InboundTC:

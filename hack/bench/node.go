@@ -49,6 +49,10 @@ type node struct {
 	// outside the bench cgroup, so no program reaches it but the ones the
 	// probe attaches itself.
 	taxCg *testenv.Cgroup
+	// meshedPodCg plays a meshed pod's cgroup in pod scope: the paired
+	// probe attaches the programs there, beside its own cgroup, and no
+	// process runs in it.
+	meshedPodCg *testenv.Cgroup
 	// stats keeps the kernel's BPF run-time accounting on (see
 	// withoutProgramStats).
 	stats io.Closer
@@ -151,6 +155,10 @@ func (n *node) setupDataPath() (err error) {
 		return err
 	}
 	n.undo.add("destroy cgroup bench-tax", n.taxCg.Destroy)
+	if n.meshedPodCg, err = testenv.NewCgroup(mnt, testenv.NamePrefix+testenv.RunID()+"-bench-meshed-pod"); err != nil {
+		return err
+	}
+	n.undo.add("destroy cgroup bench-meshed-pod", n.meshedPodCg.Destroy)
 
 	if n.stats, err = enableProgramStats(); err != nil {
 		return err

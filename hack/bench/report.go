@@ -300,15 +300,20 @@ func (rep *Report) connectTax() string {
 			}
 		}
 		lines = append(lines, line+fmt.Sprintf("; wall time per cycle %s ns.", fmtValue(cycle.Modes[mode].Mean)))
-		var ratios []float64
+		var ratios, podRatios []float64
 		for _, r := range rep.Runs {
-			if r.Mode == mode && r.Kind == kindConnect && r.Err == "" && r.AB != nil {
+			if r.Mode == mode && r.Kind == kindConnect && r.Err == "" && r.AB != nil && r.ABPod != nil {
 				ratios = append(ratios, r.AB.Ratios...)
+				podRatios = append(podRatios, r.ABPod.Ratios...)
 			}
 		}
 		if pct, se, ok := pairedTax(ratios); ok {
-			lines = append(lines, fmt.Sprintf("  Paired in one process (probe and listener pinned to one CPU, the programs attached and detached between slices of %s, %d pairs over the rounds, the kernel's accounting off): the programs add **%.1f %% ± %.1f** (2 standard errors, trimmed mean) to a connect+close, the kernel's dispatch to them included.",
+			lines = append(lines, fmt.Sprintf("  Paired in one process (probe and listener pinned to one CPU, the programs attached and detached between slices of %s, %d pairs over the rounds, the kernel's accounting off): with the programs on the probe's own cgroup, as `--cgroup-scope node` puts them on every process below its cgroup, they add **%.1f %% ± %.1f** (2 standard errors, trimmed mean) to a connect+close, the kernel's dispatch to them included.",
 				abSlice, len(ratios), pct, se))
+		}
+		if pct, se, ok := pairedTax(podRatios); ok {
+			lines = append(lines, fmt.Sprintf("  With the programs on another cgroup only, as `--cgroup-scope pod` puts them on meshed pods' cgroups while the probe plays a pod that is not meshed (%d pairs): **%+.1f %% ± %.1f**, what the kernel's hooks cost once some cgroup has a program.",
+				len(podRatios), pct, se))
 		}
 	}
 	return strings.Join(lines, "\n")

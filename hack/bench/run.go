@@ -75,8 +75,12 @@ type Run struct {
 	Wrk       *WrkResult     `json:"wrk,omitempty"`
 	WrkOutput string         `json:"wrkOutput,omitempty"`
 	Connect   *ConnectResult `json:"connect,omitempty"`
-	// AB is the paired connect-tax probe's result (meshlane modes).
+	// AB is the paired connect-tax probe's result (meshlane modes) with the
+	// programs on the probe's own cgroup, as node scope puts them on every
+	// process; ABPod with the programs on another cgroup only, as pod scope
+	// puts them on meshed pods and the probe plays a pod that is not.
 	AB      *ABResult      `json:"ab,omitempty"`
+	ABPod   *ABResult      `json:"abPod,omitempty"`
 	Control *ControlResult `json:"control,omitempty"`
 	// CPU is the machine's CPU split during the run; GroupCPU the CPU time
 	// (µs) each process group of the bench cgroup used.
@@ -180,9 +184,11 @@ func (w *world) measure(ctx context.Context, round int, wl workload, cfg config)
 	if err != nil || run.Err != "" {
 		return run, err
 	}
-	var ab *ABResult
 	err = w.n.withoutProgramStats(func() (err error) {
-		ab, err = w.measureAB(ctx, round, cfg)
+		if run.AB, err = w.measureAB(ctx, round, cfg, w.n.taxCg, "node"); err != nil {
+			return err
+		}
+		run.ABPod, err = w.measureAB(ctx, round, cfg, w.n.meshedPodCg, "pod")
 		return err
 	})
 	if ctx.Err() != nil {
@@ -191,7 +197,6 @@ func (w *world) measure(ctx context.Context, round int, wl workload, cfg config)
 	if err != nil {
 		run.Err = fmt.Sprintf("paired probe: %v", err)
 	}
-	run.AB = ab
 	return run, nil
 }
 
@@ -204,14 +209,15 @@ const (
 
 // measureAB runs the paired connect-tax probe in pod C against pod R's
 // listener in the tax cgroup, both pinned to one CPU so the pairs compare
-// the same scheduling.
-func (w *world) measureAB(ctx context.Context, round int, cfg config) (*ABResult, error) {
+// the same scheduling; the probe attaches the programs to attachTo in its
+// "on" slices (scope names the case in the log file).
+func (w *world) measureAB(ctx context.Context, round int, cfg config, attachTo *testenv.Cgroup, scope string) (*ABResult, error) {
 	pairs := max(1, int(cfg.Duration.Seconds())*abPairsPerSecond)
-	name := fmt.Sprintf("%d-%s-connect-ab", round, strings.ReplaceAll(w.mode, "+", "-"))
+	name := fmt.Sprintf("%d-%s-connect-ab-%s", round, strings.ReplaceAll(w.mode, "+", "-"), scope)
 	out, err := w.execAs(ctx, w.c, name, 0, w.n.taxCg, time.Duration(2*pairs+1)*abSlice,
 		slices.Concat(pinned(), []string{w.n.probe, connectABArg,
 			"--to", netip.AddrPortFrom(w.r.IPv4, abPort).String(),
-			"--links", filepath.Join(w.n.bpffs, "meshlane", "links"), "--cgroup", w.n.taxCg.Path,
+			"--links", filepath.Join(w.n.bpffs, "meshlane", "links"), "--cgroup", attachTo.Path,
 			"--pairs", fmt.Sprint(pairs), "--slice", abSlice.String()})...)
 	if err != nil {
 		return nil, err

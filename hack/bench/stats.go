@@ -118,12 +118,18 @@ func pairedTax(ratios []float64) (pct, twoSE float64, ok bool) {
 	return 100 * (st.Mean - 1), 200 * st.Stddev / math.Sqrt(float64(len(s))), true
 }
 
-// abTax is one run's paired tax, in per cent.
-func abTax(r Run) (float64, bool) {
-	if r.AB == nil {
+// abTax is one run's paired tax in node scope, in per cent.
+func abTax(r Run) (float64, bool) { return abPct(r.AB) }
+
+// abPodTax is one run's paired tax on a pod that is not meshed, in pod
+// scope, in per cent.
+func abPodTax(r Run) (float64, bool) { return abPct(r.ABPod) }
+
+func abPct(ab *ABResult) (float64, bool) {
+	if ab == nil {
 		return 0, false
 	}
-	pct, _, ok := pairedTax(r.AB.Ratios)
+	pct, _, ok := pairedTax(ab.Ratios)
 	return pct, ok
 }
 
@@ -147,6 +153,10 @@ const metricBPFNet = "BPF run time per request, less the accounting's own cost"
 // connect+close took with the programs attached than without.
 const metricPairedTax = "connect+close time added by the programs, paired slices"
 
+// metricPairedTaxPod is the same with the programs on another cgroup, as
+// --cgroup-scope pod leaves a pod that is not meshed.
+const metricPairedTaxPod = "connect+close time added to a pod that is not meshed, pod scope, paired slices"
+
 var (
 	wrkKinds = []string{kindKeepalive, kindClose, kindBulk}
 	metrics  = []metric{
@@ -161,6 +171,7 @@ var (
 		{"BPF run time per request", "ns", true, false, slices.Concat(wrkKinds, []string{kindConnect}), bpfPerRequest},
 		{metricBPFNet, "ns", true, false, []string{kindConnect}, bpfNetPerRequest},
 		{metricPairedTax, "%", true, false, []string{kindConnect}, abTax},
+		{metricPairedTaxPod, "%", true, false, []string{kindConnect}, abPodTax},
 		{"machine idle", "%", false, true, slices.Concat(wrkKinds, []string{kindConnect}), always(func(r Run) float64 { return r.CPU.Idle })},
 		{"CPU/req load generator", "µs", true, true, wrkKinds, perRequest(groupLoad)},
 		{"CPU/req sidecars", "µs", true, true, wrkKinds, perRequest(groupSidecarA, groupSidecarB)},
