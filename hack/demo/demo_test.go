@@ -11,16 +11,18 @@ import (
 func TestMain(m *testing.M) { testenv.Main(m) }
 
 // TestDemo runs `make demo`'s main job, small, for both mesh profiles (one
-// with the short-circuit): every client connection, same-node and from the
-// pod playing another node, must succeed, or run returns an error.
+// with the short-circuit, one in pod cgroup scope): every client
+// connection, same-node and from the pod playing another node, must
+// succeed, or run returns an error.
 func TestDemo(t *testing.T) {
 	testenv.RequireRoot(t)
 	for _, c := range []struct {
 		profile string
 		sockmap bool
-	}{{"istio", false}, {"linkerd", true}} {
-		t.Run(c.profile, func(t *testing.T) {
-			if err := run(2, c.profile, c.sockmap, 3, false); err != nil {
+		scope   string
+	}{{"istio", false, "pod"}, {"linkerd", true, "node"}} {
+		t.Run(c.profile+"/"+c.scope, func(t *testing.T) {
+			if err := run(options{pods: 2, profile: c.profile, sockmap: c.sockmap, requests: 3, scope: c.scope}); err != nil {
 				t.Fatal(err)
 			}
 		})

@@ -36,15 +36,25 @@ func main() {
 	sockmap := flag.Bool("sockmap", false, "turn on the sk_msg short-circuit (see docs/benchmarks.md for its kernel hazards)")
 	requests := flag.Int("requests", 20, "connections each app opens to the next pod's app")
 	wait := flag.Bool("wait", false, "keep the node up until Ctrl-C, for exploring with meshlanectl")
+	scope := flag.String("cgroup-scope", "node", "where the agent attaches the cgroup programs: node (the demo's cgroup) or pod (each pod's own cgroup, passed to the chain as cgroupPath)")
 	flag.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: demo [flags]\n\nBrings up a simulated meshlane node on this machine (root, Linux >= 5.15, cgroup v2).\n\n")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
-	if err := run(*pods, *profile, *sockmap, *requests, *wait); err != nil {
+	if err := run(options{pods: *pods, profile: *profile, sockmap: *sockmap, requests: *requests, wait: *wait, scope: *scope}); err != nil {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// podCgroup is where p's processes run: its own cgroup in pod scope, the
+// demo's otherwise.
+func podCgroup(p *cninode.Pod, node *testenv.Cgroup) *testenv.Cgroup {
+	if p.Cgroup != nil {
+		return p.Cgroup
+	}
+	return node
 }
 
 // step prints what the demo does next.
@@ -65,7 +75,22 @@ func (t teardown) run() {
 	}
 }
 
-func run(npods int, profileName string, sockmap bool, requests int, wait bool) error {
+// options are the demo's flags.
+type options struct {
+	pods     int
+	profile  string
+	sockmap  bool
+	requests int
+	wait     bool
+	// scope is the agent's --cgroup-scope.
+	scope string
+}
+
+func run(o options) error {
+	npods, profileName, sockmap, requests, wait := o.pods, o.profile, o.sockmap, o.requests, o.wait
+	if o.scope != "node" && o.scope != "pod" {
+		return fmt.Errorf("--cgroup-scope %q: want node or pod", o.scope)
+	}
 	if os.Geteuid() != 0 {
 		return errors.New("run as root: the demo creates network namespaces, a cgroup and a bpffs mount")
 	}
@@ -127,9 +152,13 @@ func run(npods int, profileName string, sockmap bool, requests int, wait bool) e
 	bridge := testenv.LinkName()
 	td.add(func() error { return testenv.DeleteLink(bridge) })
 
-	step("starting meshlane-agent: datapath on cgroup %s, pins in %s, socket in %s", cg.Path, bpffs, work)
+	where := "cgroup " + cg.Path
+	if o.scope == "pod" {
+		where = "each meshed pod's own cgroup below " + cg.Path
+	}
+	step("starting meshlane-agent: datapath on %s, pins in %s, socket in %s", where, bpffs, work)
 	node, err := cninode.Start(cninode.Options{
-		Bin: bins, Dir: work, Cgroup: cg, BPFFS: filepath.Join(bpffs, "meshlane"),
+		Bin: bins, Dir: work, Cgroup: cg, PodCgroups: o.scope == "pod", BPFFS: filepath.Join(bpffs, "meshlane"),
 		Bridge: bridge, Subnet4: v4, Subnet6: v6, Profile: prof.Name, Sockmap: sockmap,
 		AgentLog: mustCreate(filepath.Join(work, "agent.log")),
 	})
@@ -175,8 +204,8 @@ func run(npods int, profileName string, sockmap bool, requests int, wait bool) e
 				"--passthrough-src", "")
 		}
 		for _, proc := range []testenv.ProcOpts{
-			{UID: prof.ProxyUID, GID: prof.ProxyGID, Cgroup: cg, Args: sidecarArgs},
-			{UID: appUID, GID: appUID, Cgroup: cg, Args: []string{podbin, "server", "--name", name, "--listen", "0.0.0.0:8080,[::]:8080", "--ready", events + ".app"}},
+			{UID: prof.ProxyUID, GID: prof.ProxyGID, Cgroup: podCgroup(p, cg), Args: sidecarArgs},
+			{UID: appUID, GID: appUID, Cgroup: podCgroup(p, cg), Args: []string{podbin, "server", "--name", name, "--listen", "0.0.0.0:8080,[::]:8080", "--ready", events + ".app"}},
 		} {
 			pr, err := testenv.StartProc(p.NetnsPath, proc)
 			if err != nil {
@@ -199,7 +228,7 @@ func run(npods int, profileName string, sockmap bool, requests int, wait bool) e
 		for _, ip := range []netip.Addr{next.IPv4, next.IPv6} {
 			to := netip.AddrPortFrom(ip, 8080).String()
 			out := mustCreate(filepath.Join(work, fmt.Sprintf("client-%d-%s.out", i, ip)))
-			pr, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: appUID, GID: appUID, Cgroup: cg, Stdout: out,
+			pr, err := testenv.StartProc(p.NetnsPath, testenv.ProcOpts{UID: appUID, GID: appUID, Cgroup: podCgroup(p.Pod, cg), Stdout: out,
 				Args: []string{podbin, "client", "--to", to, "--count", fmt.Sprint(requests), "--bytes", "4096"}})
 			if err != nil {
 				return err
