@@ -162,13 +162,8 @@ func run(o options, log *zap.Logger) error {
 	switch o.cgroupScope {
 	case datapath.ScopeNode:
 	case datapath.ScopePod:
-		mount, err := cgroup2Root("/proc/self/mountinfo")
-		if err != nil {
+		if pods, err = podCgroups("/proc/self/mountinfo", o.cgroup); err != nil {
 			return err
-		}
-		pods = &podcgroup.Resolver{Mount: mount, Within: o.cgroup}
-		if o.cgroup == "" {
-			pods.Within = mount
 		}
 	default:
 		return fmt.Errorf("--cgroup-scope %q: want %s or %s", o.cgroupScope, datapath.ScopeNode, datapath.ScopePod)
@@ -339,6 +334,25 @@ func (p *probeServer) shutdown(ctx context.Context) {
 	if p.srv != nil {
 		p.srv.Shutdown(ctx)
 	}
+}
+
+// podCgroups resolves pods' cgroupPath in pod scope: against the cgroup2
+// mount that holds within (the DaemonSet's --cgroup=/host/sys/fs/cgroup is
+// the host's whole hierarchy, as runtimes name it), or the first cgroup2
+// mount when within is "".
+func podCgroups(mountinfoPath, within string) (*podcgroup.Resolver, error) {
+	if within == "" {
+		mount, err := cgroup2Root(mountinfoPath)
+		return &podcgroup.Resolver{Mount: mount, Within: mount}, err
+	}
+	mount, err := mountinfo.Containing(mountinfoPath, "cgroup2", within)
+	if err != nil {
+		return nil, fmt.Errorf("find the cgroup2 mount of --cgroup %s: %w", within, err)
+	}
+	if mount == "" {
+		return nil, fmt.Errorf("--cgroup %s is on no cgroup2 mount in %s: with --cgroup-scope pod it names the host's cgroup v2 hierarchy (or a part of it) that pods' cgroups lie in", within, mountinfoPath)
+	}
+	return &podcgroup.Resolver{Mount: mount, Within: within}, nil
 }
 
 // cgroup2Root returns the mount point of the first cgroup2 filesystem

@@ -76,3 +76,31 @@ func TestParseFlags(t *testing.T) {
 		t.Error("newLogger accepted format xml")
 	}
 }
+
+func TestPodCgroups(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "mountinfo")
+	if err := os.WriteFile(p, []byte(`25 1 8:1 / / rw - ext4 /dev/sda1 rw
+30 25 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+50 25 0:27 / /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The DaemonSet: the host's hierarchy under /host, not the container's
+	// own /sys/fs/cgroup.
+	r, err := podCgroups(p, "/host/sys/fs/cgroup")
+	if err != nil || r.Mount != "/host/sys/fs/cgroup" || r.Within != "/host/sys/fs/cgroup" {
+		t.Fatalf("DaemonSet: %+v, %v", r, err)
+	}
+	if dir, err := r.Resolve("/kubepods/burstable/pod1"); err != nil || dir != "/host/sys/fs/cgroup/kubepods/burstable/pod1" {
+		t.Fatalf("resolve: %q, %v", dir, err)
+	}
+	if r, err = podCgroups(p, "/sys/fs/cgroup/kubepods.slice"); err != nil || r.Mount != "/sys/fs/cgroup" || r.Within != "/sys/fs/cgroup/kubepods.slice" {
+		t.Fatalf("subtree: %+v, %v", r, err)
+	}
+	if r, err = podCgroups(p, ""); err != nil || r.Mount != "/sys/fs/cgroup" || r.Within != "/sys/fs/cgroup" {
+		t.Fatalf("default: %+v, %v", r, err)
+	}
+	if _, err := podCgroups(p, "/srv/cgroup"); err == nil || !strings.Contains(err.Error(), "no cgroup2 mount") {
+		t.Fatalf("outside any cgroup2 mount: %v", err)
+	}
+}

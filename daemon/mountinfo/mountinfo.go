@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -55,6 +56,27 @@ func First(path, fstype string) (string, error) {
 		}
 	}
 	return "", nil
+}
+
+// Containing returns the mount point of the filesystem of type fstype
+// that holds dir (the longest such mount point that is dir or a parent of
+// it), or "" when none does.
+func Containing(path, fstype, dir string) (string, error) {
+	mounts, err := Read(path)
+	if err != nil {
+		return "", err
+	}
+	dir = filepath.Clean(dir)
+	best := ""
+	for _, m := range mounts {
+		if m.FSType != fstype || len(m.Point) <= len(best) {
+			continue
+		}
+		if rel, err := filepath.Rel(m.Point, dir); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+			best = m.Point
+		}
+	}
+	return best, nil
 }
 
 // Unescape undoes the octal escapes (\040 for a space and so on) that

@@ -41,3 +41,27 @@ broken line
 		t.Fatal("no error for a missing file")
 	}
 }
+
+func TestContaining(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "mountinfo")
+	table := `25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 25 0:27 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw
+50 25 0:27 / /host/sys/fs/cgroup rw,nosuid shared:19 - cgroup2 cgroup2 rw
+51 50 0:40 / /host/sys/fs/cgroup/sub rw - tmpfs tmpfs rw
+`
+	if err := os.WriteFile(p, []byte(table), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for dir, want := range map[string]string{
+		"/host/sys/fs/cgroup":                "/host/sys/fs/cgroup",
+		"/host/sys/fs/cgroup/kubepods.slice": "/host/sys/fs/cgroup",
+		"/host/sys/fs/cgroup/sub/x":          "/host/sys/fs/cgroup", // the tmpfs is not cgroup2
+		"/sys/fs/cgroup/kubepods/":           "/sys/fs/cgroup",
+		"/sys/fs/cgroupx":                    "",
+		"/srv":                               "",
+	} {
+		if got, err := Containing(p, "cgroup2", dir); err != nil || got != want {
+			t.Errorf("Containing(%s) = %q, %v; want %q", dir, got, err, want)
+		}
+	}
+}

@@ -225,6 +225,21 @@ func TestPodScope(t *testing.T) {
 		}
 	})
 
+	t.Run("uninstall detaches every pod's programs", func(t *testing.T) {
+		if err := n.dp.Close(); err != nil {
+			t.Fatal(err)
+		}
+		// What `meshlane-agent uninstall` runs on a node.
+		if err := datapath.RemovePins(n.bpffs); err != nil {
+			t.Fatal(err)
+		}
+		wantConnect4(t, n.cgroupOf(b), 0, "after uninstall")
+		if _, err := os.Stat(filepath.Join(n.bpffs, "cgroups")); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("pod links still pinned after uninstall: %v", err)
+		}
+		reloadNode(t, n, false) // for the test's own cleanup
+	})
+
 	t.Run("a pod without a cgroup is refused", func(t *testing.T) {
 		p := podB
 		p.Cgroup = ""

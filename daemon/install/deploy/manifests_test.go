@@ -352,6 +352,23 @@ func TestKustomizeLinkerdOverlay(t *testing.T) {
 	}
 }
 
+func TestKustomizePodScopeOverlay(t *testing.T) {
+	_, _, base := render(t, manifests)
+	_, _, ds := render(t, filepath.Join(manifests, "pod-scope"))
+	checkAgentDaemonSet(t, &ds, "istio")
+	args := ds.Spec.Template.Spec.Containers[0].Args
+	if len(args) == 0 || args[len(args)-1] != "--cgroup-scope=pod" {
+		t.Fatalf("the pod-scope overlay's agent args %q do not end in --cgroup-scope=pod", args)
+	}
+	// Nothing else differs from the base.
+	ds.Spec.Template.Spec.Containers[0].Args = args[:len(args)-1]
+	a, _ := yaml.Marshal(base)
+	b, _ := yaml.Marshal(ds)
+	if string(a) != string(b) {
+		t.Errorf("the pod-scope overlay changes more than the scope:\n%s\nvs\n%s", a, b)
+	}
+}
+
 func TestKustomizeUninstallOverlay(t *testing.T) {
 	_, _, base := render(t, manifests)
 	_, _, ds := render(t, filepath.Join(manifests, "uninstall"))
