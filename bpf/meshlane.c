@@ -139,7 +139,7 @@ enum ml_redirect_kind {
 	ML_REDIRECT_OUTBOUND = 1,
 	ML_REDIRECT_INBOUND = 2,
 	ML_REDIRECT_DNS = 3,
-	/* Inbound from outside the node, rewritten by tc. */
+	/* Inbound from outside the pod, steered by tc to the listener. */
 	ML_REDIRECT_INBOUND_REMOTE = 4,
 };
 
@@ -163,24 +163,6 @@ struct ml_tuple {
 	struct ml_addr dst;
 	__u16 src_port;
 	__u16 dst_port;
-	__u32 _pad;
-};
-
-/* A connection from outside the node that tc sent to a pod's inbound
- * listener, by the pod's address and the peer's end. The pod's port is left
- * out: on the wire it is the dialed port one way and the listener's the
- * other. */
-struct ml_flow_key {
-	struct ml_addr pod;
-	struct ml_addr peer;
-	__u16 peer_port;
-	__u16 _pad;
-	__u32 _pad2;
-};
-
-struct ml_flow {
-	__u16 orig_port;    /* the port the peer dialed */
-	__u16 inbound_port; /* the sidecar's inbound listener */
 	__u32 _pad;
 };
 
@@ -214,9 +196,8 @@ enum ml_counter {
 	ML_CNT_MSG_REDIRECTED_BYTES,
 	ML_CNT_MSG_PEER_MISSING,
 	ML_CNT_REDIRECT_INBOUND_REMOTE,
-	ML_CNT_REMOTE_FLOW_FAILED,
-	ML_CNT_REMOTE_REWRITE_FAILED,
-	ML_CNT_REMOTE_FLOW_ENDED,
+	ML_CNT_REMOTE_NO_LISTENER,
+	ML_CNT_REMOTE_ASSIGN_FAILED,
 	ML_CNT_MAX,
 };
 
@@ -269,17 +250,6 @@ struct {
 	__type(key, int);
 	__type(value, struct ml_origdst);
 } meshlane_sks SEC(".maps");
-
-/* Connections tc rewrites, from their SYN until sockops sees the accepted
- * socket close or tc sees a reset. LRU: a SYN that is never answered (the
- * peer gave up, a flood) leaves an entry that the busy ones push out, where
- * a plain hash would fill up and stop redirecting. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 131072);
-	__type(key, struct ml_flow_key);
-	__type(value, struct ml_flow);
-} meshlane_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -405,9 +375,10 @@ struct decision {
 };
 
 /* Rule 2: a connection to podIP:port of a meshed pod on this node goes to
- * that pod's inbound listener, unless the port is excluded. */
-static __always_inline int decide_inbound(struct decision *d, __u64 dst_netns,
-					  const struct ml_pod *dst)
+ * that pod's inbound listener, unless the port is excluded. Sockops asks
+ * again of connections tc decided on, uncounted. */
+static __always_inline int decide_inbound_n(struct decision *d, __u64 dst_netns,
+					    const struct ml_pod *dst, int counted)
 {
 	__u32 pf = 0;
 
@@ -415,17 +386,25 @@ static __always_inline int decide_inbound(struct decision *d, __u64 dst_netns,
 		pf = port_flags(dst_netns, d->orig.port, ML_DIR_INBOUND);
 
 	if ((pf & ML_PORT_EXCLUDE) || d->orig.port == dst->inbound_port) {
-		count(ML_CNT_PASS_IN_PORT_EXCLUDED);
+		if (counted)
+			count(ML_CNT_PASS_IN_PORT_EXCLUDED);
 		return V_PASS;
 	}
 	if (!(dst->flags & ML_POD_INBOUND_ALL) && !(pf & ML_PORT_INCLUDE)) {
-		count(ML_CNT_PASS_IN_PORT_NOT_INCLUDED);
+		if (counted)
+			count(ML_CNT_PASS_IN_PORT_NOT_INCLUDED);
 		return V_PASS;
 	}
 	d->orig.kind = ML_REDIRECT_INBOUND;
 	d->orig.listener_netns = dst_netns;
 	d->new_port = dst->inbound_port;
 	return V_INBOUND;
+}
+
+static __always_inline int decide_inbound(struct decision *d, __u64 dst_netns,
+					  const struct ml_pod *dst)
+{
+	return decide_inbound_n(d, dst_netns, dst, 1);
 }
 
 /* Rule 1: an app connection goes to its own sidecar's outbound listener
@@ -828,24 +807,8 @@ static __always_inline void publish_origdst(struct bpf_sock_ops *skops)
 						 BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-static __always_inline void end_flow(const struct ml_flow_key *k)
-{
-	if (!bpf_map_delete_elem(&meshlane_flows, k))
-		count(ML_CNT_REMOTE_FLOW_ENDED);
-}
-
-/* The flow key of an accepted socket: its local end is the pod's. */
-static __always_inline void skops_flow_key(struct bpf_sock_ops *skops,
-					   struct ml_flow_key *k)
-{
-	skops_local(skops, &k->pod);
-	skops_remote(skops, &k->peer);
-	k->peer_port = port_from_net32(skops->remote_port);
-}
-
-/* A socket that asked for state callbacks has closed: remove what was
- * recorded for its connection and never taken (client side), or the tc
- * flow of a connection from outside the node (accepted side). */
+/* A client socket that asked for state callbacks has closed: remove what
+ * was recorded for its connection and never taken. */
 static __always_inline void closed(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -856,13 +819,6 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	o = bpf_sk_storage_get(&meshlane_sks, sk, 0, 0);
 	if (!o)
 		return;
-	if (o->kind == ML_REDIRECT_INBOUND_REMOTE) {
-		struct ml_flow_key k = {};
-
-		skops_flow_key(skops, &k);
-		end_flow(&k);
-		return;
-	}
 
 	struct ml_tuple t = {};
 
@@ -870,22 +826,40 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&meshlane_origdst, &t);
 }
 
-/* Listener side of a connection tc sent from outside the node: its flow
- * names the dialed port. The accepted socket gets the original destination
- * and state callbacks, so its close ends the flow. */
-static __always_inline void adopt_remote(struct bpf_sock_ops *skops,
-					 struct bpf_sock *sk,
-					 const struct ml_tuple *t)
+/* Whether a connection to a meshed pod's local:port from remote is one tc
+ * steers to the inbound listener: from outside the pod (not loopback, ::6
+ * or the pod's own address) to a port the inbound rules redirect. */
+static __always_inline int steered(struct decision *d, __u64 netns,
+				   const struct ml_pod *pod,
+				   const struct ml_addr *remote, int counted)
 {
-	struct ml_flow_key k = {};
-	struct ml_origdst *mine;
-	struct ml_flow *f;
+	__u64 *remote_netns;
 
-	k.pod = t->dst;
-	k.peer = t->src;
-	k.peer_port = t->src_port;
-	f = bpf_map_lookup_elem(&meshlane_flows, &k);
-	if (!f || f->inbound_port != t->dst_port)
+	if (addr_is_pod_local(remote))
+		return 0;
+	remote_netns = bpf_map_lookup_elem(&meshlane_podips, remote);
+	if (remote_netns && *remote_netns == netns)
+		return 0;
+	return d->orig.port != pod->inbound_port &&
+	       decide_inbound_n(d, netns, pod, counted) == V_INBOUND;
+}
+
+/* Listener side of a connection tc steered from outside the pod: the
+ * accepted socket's own address is the one dialed, so it is the original
+ * destination. */
+static __always_inline void adopt_steered(struct bpf_sock *sk,
+					  const struct ml_tuple *t)
+{
+	struct ml_origdst *mine;
+	struct decision d = {};
+	struct ml_pod *pod;
+
+	pod = bpf_map_lookup_elem(&meshlane_pods, &t->netns);
+	if (!pod)
+		return;
+	d.orig.addr = t->dst;
+	d.orig.port = t->dst_port;
+	if (!steered(&d, t->netns, pod, &t->src, 0))
 		return;
 	mine = bpf_sk_storage_get(&meshlane_sks, sk, 0,
 				  BPF_SK_STORAGE_GET_F_CREATE);
@@ -894,12 +868,10 @@ static __always_inline void adopt_remote(struct bpf_sock_ops *skops,
 		return;
 	}
 	mine->addr = t->dst;
-	mine->port = f->orig_port;
+	mine->port = t->dst_port;
 	mine->kind = ML_REDIRECT_INBOUND_REMOTE;
 	mine->listener_netns = t->netns;
 	count(ML_CNT_ORIGDST_ADOPTED);
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-						 BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /* Listener side of a redirected connection, just accepted: move the
@@ -927,7 +899,7 @@ static __always_inline void adopt_origdst(struct bpf_sock_ops *skops)
 
 	o = bpf_map_lookup_elem(&meshlane_origdst, &t);
 	if (!o) {
-		adopt_remote(skops, sk, &t);
+		adopt_steered(sk, &t);
 		return;
 	}
 	mine = bpf_sk_storage_get(&meshlane_sks, sk, 0,
@@ -1094,31 +1066,33 @@ int meshlane_getsockopt(struct bpf_sockopt *ctx)
 	return 1;
 }
 
-/* tc: connections from outside the node.
+/* tc: connections from outside the pod.
  *
  * No connect hook on this node sees a connection that comes from another
- * node (or from a process outside the attached cgroup), so it would reach
- * the app's port directly. These programs sit on the pod's interface,
- * inside its netns, and do what istio-iptables' PREROUTING REDIRECT does:
- * a SYN to a redirected port goes to the inbound listener, and so does the
- * rest of that connection; its replies leave with the dialed port again.
- * The sidecar's accepted socket adopts the original destination in sockops
- * (adopt_remote) and its close ends the flow (closed).
+ * node (or from a process whose cgroup runs no meshlane program), so it
+ * would reach the app's port directly. This program sits on the pod's
+ * interface, inside its netns, and does what istio-iptables' PREROUTING
+ * REDIRECT does, without rewriting a byte: a SYN to a redirected port is
+ * handed to the sidecar's inbound listener (bpf_sk_assign, as TPROXY
+ * does). The connection it makes keeps the dialed address and port as its
+ * own, so its later segments and its replies need nothing from tc, it
+ * outlives the program, and the sidecar's SO_ORIGINAL_DST is the accepted
+ * socket's own address (sockops, adopt_steered).
  *
  * A connection the connect hooks already redirected arrives with the
- * inbound listener's port, which is never rewritten: one path per
- * connection. Both programs return TC_ACT_UNSPEC, which is also tcx's
- * "next", so programs attached after them still run. */
+ * inbound listener's port, which is never steered: one path per
+ * connection. The program returns TC_ACT_UNSPEC, which is also tcx's
+ * "next", so programs attached after it still run, except for a SYN it
+ * steered (TC_ACT_OK: its fate is decided) or dropped. */
 
 #define TH_SYN 0x02
-#define TH_RST 0x04
 #define TH_ACK 0x10
 
 struct pkt {
 	struct ml_addr src, dst;
-	__u32 l4; /* offset of the TCP header */
 	__u16 sport, dport;
 	__u8 flags;
+	__u8 v4;
 };
 
 /* 0 when skb is a TCP segment over IPv4 or IPv6 on Ethernet. IPv4
@@ -1127,6 +1101,7 @@ struct pkt {
  * loads copy, so headers outside the linear part need no pull. */
 static __always_inline int parse_tcp(struct __sk_buff *skb, struct pkt *p)
 {
+	__u32 l4;
 	__u8 tcp[14];
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
@@ -1139,7 +1114,8 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, struct pkt *p)
 			return -1;
 		addr_v4(&p->src, ip.saddr);
 		addr_v4(&p->dst, ip.daddr);
-		p->l4 = ETH_HLEN + ip.ihl * 4;
+		l4 = ETH_HLEN + ip.ihl * 4;
+		p->v4 = 1;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 
@@ -1149,11 +1125,11 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, struct pkt *p)
 			return -1;
 		__builtin_memcpy(&p->src, &ip6.saddr, sizeof(p->src));
 		__builtin_memcpy(&p->dst, &ip6.daddr, sizeof(p->dst));
-		p->l4 = ETH_HLEN + sizeof(ip6);
+		l4 = ETH_HLEN + sizeof(ip6);
 	} else {
 		return -1;
 	}
-	if (bpf_skb_load_bytes(skb, p->l4, tcp, sizeof(tcp)))
+	if (bpf_skb_load_bytes(skb, l4, tcp, sizeof(tcp)))
 		return -1;
 	p->sport = (__u16)tcp[0] << 8 | tcp[1];
 	p->dport = (__u16)tcp[2] << 8 | tcp[3];
@@ -1161,119 +1137,94 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, struct pkt *p)
 	return 0;
 }
 
-/* Rewrites the destination (dst) or source port from one value to another
- * and fixes the TCP checksum (a port is not in the pseudo-header, so a
- * partial checksum needs no change and the helper leaves it). */
-static __always_inline int set_port(struct __sk_buff *skb, const struct pkt *p,
-				    int dst, __u16 from, __u16 to)
+/* Looks up the TCP socket this node would give a segment from p's source
+ * to p's destination address and port dport, in the pod's netns. */
+static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb,
+					       const struct pkt *p, __u16 dport,
+					       int listener_only)
 {
-	__be16 f = bpf_htons(from), t = bpf_htons(to);
+	struct bpf_sock_tuple t = {};
+	__u32 size;
 
-	if (bpf_l4_csum_replace(skb, p->l4 + 16, f, t, sizeof(t)) ||
-	    bpf_skb_store_bytes(skb, p->l4 + (dst ? 2 : 0), &t, sizeof(t), 0)) {
-		count(ML_CNT_REMOTE_REWRITE_FAILED);
-		return -1;
+	if (p->v4) {
+		t.ipv4.saddr = p->src.w[3];
+		t.ipv4.daddr = p->dst.w[3];
+		t.ipv4.sport = bpf_htons(p->sport);
+		t.ipv4.dport = bpf_htons(dport);
+		size = sizeof(t.ipv4);
+	} else {
+		__builtin_memcpy(t.ipv6.saddr, &p->src, sizeof(t.ipv6.saddr));
+		__builtin_memcpy(t.ipv6.daddr, &p->dst, sizeof(t.ipv6.daddr));
+		t.ipv6.sport = bpf_htons(p->sport);
+		t.ipv6.dport = bpf_htons(dport);
+		size = sizeof(t.ipv6);
 	}
-	return 0;
+	if (listener_only)
+		return bpf_sk_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
+	return bpf_skc_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
 }
 
-/* A new connection into the pod: the inbound rules decide, as for one from
- * a host process (decide_inbound). */
-static __always_inline void remote_syn(struct __sk_buff *skb,
-				       const struct pkt *p,
-				       const struct ml_flow_key *k)
+/* A SYN into the pod: the inbound rules decide, as for one from a host
+ * process (decide_inbound). A redirected one goes to the inbound
+ * listener; with none (the sidecar is not up) it is dropped, never let
+ * through to the app around the sidecar, and the peer's retransmission
+ * finds the listener once it is there. */
+static __always_inline int steer_syn(struct __sk_buff *skb, const struct pkt *p)
 {
 	struct decision d = {};
 	struct ml_pod *pod = NULL;
-	struct ml_flow f = {};
+	struct bpf_sock *sk;
 	__u64 *netns;
+	long err;
 
 	netns = bpf_map_lookup_elem(&meshlane_podips, &p->dst);
 	if (netns)
 		pod = bpf_map_lookup_elem(&meshlane_pods, netns);
 	if (!pod) {
 		count(ML_CNT_PASS_NOT_MESHED);
-		return;
+		return TC_ACT_UNSPEC;
 	}
 	d.orig.addr = p->dst;
 	d.orig.port = p->dport;
 	/* To the inbound port already: a connect hook redirected it (or the
 	 * peer dialed it), and it was counted there. */
-	if (p->dport == pod->inbound_port ||
-	    decide_inbound(&d, *netns, pod) == V_PASS) {
-		/* A flow left by an earlier connection of the same peer
-		 * socket must not rewrite this one's replies. */
-		bpf_map_delete_elem(&meshlane_flows, k);
-		return;
+	if (!steered(&d, *netns, pod, &p->src, 1))
+		return TC_ACT_UNSPEC;
+	/* A retransmitted SYN of a connection the listener already holds
+	 * (a request socket, or established) is the stack's to match. */
+	sk = lookup(skb, p, p->dport, 0);
+	if (sk) {
+		int held = sk->state != BPF_TCP_LISTEN;
+
+		bpf_sk_release(sk);
+		if (held)
+			return TC_ACT_UNSPEC;
 	}
-	f.orig_port = p->dport;
-	f.inbound_port = d.new_port;
-	if (bpf_map_update_elem(&meshlane_flows, k, &f, BPF_ANY)) {
-		count(ML_CNT_REMOTE_FLOW_FAILED);
-		return;
+	sk = lookup(skb, p, d.new_port, 1);
+	if (sk && sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		sk = NULL;
 	}
-	if (set_port(skb, p, 1, p->dport, d.new_port)) {
-		bpf_map_delete_elem(&meshlane_flows, k);
-		return;
+	if (!sk) {
+		count(ML_CNT_REMOTE_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		count(ML_CNT_REMOTE_ASSIGN_FAILED);
+		return TC_ACT_SHOT;
 	}
 	count(ML_CNT_REDIRECT_INBOUND_REMOTE);
-}
-
-/* The flow key of a packet: towards the pod (ingress) the pod's end is the
- * destination, away from it the source. */
-static __always_inline void flow_key(const struct pkt *p, int ingress,
-				     struct ml_flow_key *k)
-{
-	k->pod = ingress ? p->dst : p->src;
-	k->peer = ingress ? p->src : p->dst;
-	k->peer_port = ingress ? p->sport : p->dport;
-}
-
-/* A packet of a flow tc started: towards the pod the dialed port becomes
- * the listener's, away from it the other way round. A reset either way
- * (no listener, an abort) ends the flow. */
-static __always_inline void follow_flow(struct __sk_buff *skb,
-					const struct pkt *p,
-					const struct ml_flow_key *k, int ingress)
-{
-	struct ml_flow *f = bpf_map_lookup_elem(&meshlane_flows, k);
-	__u16 from, to;
-
-	if (!f)
-		return;
-	from = ingress ? f->orig_port : f->inbound_port;
-	to = ingress ? f->inbound_port : f->orig_port;
-	if ((ingress ? p->dport : p->sport) != from)
-		return;
-	if (!set_port(skb, p, ingress, from, to) && (p->flags & TH_RST))
-		end_flow(k);
-}
-
-/* Both directions: a new connection into the pod is decided, every other
- * segment follows its flow, if any. */
-static __always_inline int on_segment(struct __sk_buff *skb, int ingress)
-{
-	struct ml_flow_key k = {};
-	struct pkt p = {};
-
-	if (parse_tcp(skb, &p))
-		return TC_ACT_UNSPEC;
-	flow_key(&p, ingress, &k);
-	if (ingress && (p.flags & (TH_SYN | TH_ACK)) == TH_SYN)
-		remote_syn(skb, &p, &k);
-	else
-		follow_flow(skb, &p, &k, ingress);
-	return TC_ACT_UNSPEC;
+	return TC_ACT_OK;
 }
 
 SEC("tc")
 int meshlane_tc_ingress(struct __sk_buff *skb)
 {
-	return on_segment(skb, 1);
-}
+	struct pkt p = {};
 
-SEC("tc")
-int meshlane_tc_egress(struct __sk_buff *skb)
-{
-	return on_segment(skb, 0);
+	if (parse_tcp(skb, &p) || (p.flags & (TH_SYN | TH_ACK)) != TH_SYN)
+		return TC_ACT_UNSPEC;
+	return steer_syn(skb, &p);
 }

@@ -64,27 +64,10 @@ const (
 	MeshlaneMlCounterML_CNT_MSG_REDIRECTED_BYTES       MeshlaneMlCounter = 25
 	MeshlaneMlCounterML_CNT_MSG_PEER_MISSING           MeshlaneMlCounter = 26
 	MeshlaneMlCounterML_CNT_REDIRECT_INBOUND_REMOTE    MeshlaneMlCounter = 27
-	MeshlaneMlCounterML_CNT_REMOTE_FLOW_FAILED         MeshlaneMlCounter = 28
-	MeshlaneMlCounterML_CNT_REMOTE_REWRITE_FAILED      MeshlaneMlCounter = 29
-	MeshlaneMlCounterML_CNT_REMOTE_FLOW_ENDED          MeshlaneMlCounter = 30
-	MeshlaneMlCounterML_CNT_MAX                        MeshlaneMlCounter = 31
+	MeshlaneMlCounterML_CNT_REMOTE_NO_LISTENER         MeshlaneMlCounter = 28
+	MeshlaneMlCounterML_CNT_REMOTE_ASSIGN_FAILED       MeshlaneMlCounter = 29
+	MeshlaneMlCounterML_CNT_MAX                        MeshlaneMlCounter = 30
 )
-
-type MeshlaneMlFlow struct {
-	_           structs.HostLayout
-	OrigPort    uint16
-	InboundPort uint16
-	Pad         uint32
-}
-
-type MeshlaneMlFlowKey struct {
-	_        structs.HostLayout
-	Pod      MeshlaneMlAddr
-	Peer     MeshlaneMlAddr
-	PeerPort uint16
-	Pad      uint16
-	Pad2     uint32
-}
 
 type MeshlaneMlOrigdst struct {
 	_             structs.HostLayout
@@ -166,7 +149,6 @@ type MeshlaneMlTuple struct {
 const (
 	MeshlaneMapMeshlaneCidrs       = "meshlane_cidrs"
 	MeshlaneMapMeshlaneCnt         = "meshlane_cnt"
-	MeshlaneMapMeshlaneFlows       = "meshlane_flows"
 	MeshlaneMapMeshlaneOrigdst     = "meshlane_origdst"
 	MeshlaneMapMeshlanePodips      = "meshlane_podips"
 	MeshlaneMapMeshlanePods        = "meshlane_pods"
@@ -182,7 +164,6 @@ const (
 	MeshlaneProgMeshlaneSendmsg6   = "meshlane_sendmsg6"
 	MeshlaneProgMeshlaneSkMsg      = "meshlane_sk_msg"
 	MeshlaneProgMeshlaneSockops    = "meshlane_sockops"
-	MeshlaneProgMeshlaneTcEgress   = "meshlane_tc_egress"
 	MeshlaneProgMeshlaneTcIngress  = "meshlane_tc_ingress"
 	MeshlaneVarEnableSockmap       = "enable_sockmap"
 	MeshlaneVarMlBtfEnums          = "ml_btf_enums"
@@ -240,7 +221,6 @@ type MeshlaneProgramSpecs struct {
 	MeshlaneSendmsg6   *ebpf.ProgramSpec `ebpf:"meshlane_sendmsg6"`
 	MeshlaneSkMsg      *ebpf.ProgramSpec `ebpf:"meshlane_sk_msg"`
 	MeshlaneSockops    *ebpf.ProgramSpec `ebpf:"meshlane_sockops"`
-	MeshlaneTcEgress   *ebpf.ProgramSpec `ebpf:"meshlane_tc_egress"`
 	MeshlaneTcIngress  *ebpf.ProgramSpec `ebpf:"meshlane_tc_ingress"`
 }
 
@@ -250,7 +230,6 @@ type MeshlaneProgramSpecs struct {
 type MeshlaneMapSpecs struct {
 	MeshlaneCidrs   *ebpf.MapSpec `ebpf:"meshlane_cidrs"`
 	MeshlaneCnt     *ebpf.MapSpec `ebpf:"meshlane_cnt"`
-	MeshlaneFlows   *ebpf.MapSpec `ebpf:"meshlane_flows"`
 	MeshlaneOrigdst *ebpf.MapSpec `ebpf:"meshlane_origdst"`
 	MeshlanePodips  *ebpf.MapSpec `ebpf:"meshlane_podips"`
 	MeshlanePods    *ebpf.MapSpec `ebpf:"meshlane_pods"`
@@ -290,7 +269,6 @@ func (o *MeshlaneObjects) Close() error {
 type MeshlaneMaps struct {
 	MeshlaneCidrs   *ebpf.Map `ebpf:"meshlane_cidrs"`
 	MeshlaneCnt     *ebpf.Map `ebpf:"meshlane_cnt"`
-	MeshlaneFlows   *ebpf.Map `ebpf:"meshlane_flows"`
 	MeshlaneOrigdst *ebpf.Map `ebpf:"meshlane_origdst"`
 	MeshlanePodips  *ebpf.Map `ebpf:"meshlane_podips"`
 	MeshlanePods    *ebpf.Map `ebpf:"meshlane_pods"`
@@ -303,7 +281,6 @@ func (m *MeshlaneMaps) Close() error {
 	return _MeshlaneClose(
 		m.MeshlaneCidrs,
 		m.MeshlaneCnt,
-		m.MeshlaneFlows,
 		m.MeshlaneOrigdst,
 		m.MeshlanePodips,
 		m.MeshlanePods,
@@ -335,7 +312,6 @@ type MeshlanePrograms struct {
 	MeshlaneSendmsg6   *ebpf.Program `ebpf:"meshlane_sendmsg6"`
 	MeshlaneSkMsg      *ebpf.Program `ebpf:"meshlane_sk_msg"`
 	MeshlaneSockops    *ebpf.Program `ebpf:"meshlane_sockops"`
-	MeshlaneTcEgress   *ebpf.Program `ebpf:"meshlane_tc_egress"`
 	MeshlaneTcIngress  *ebpf.Program `ebpf:"meshlane_tc_ingress"`
 }
 
@@ -350,7 +326,6 @@ func (p *MeshlanePrograms) Close() error {
 		p.MeshlaneSendmsg6,
 		p.MeshlaneSkMsg,
 		p.MeshlaneSockops,
-		p.MeshlaneTcEgress,
 		p.MeshlaneTcIngress,
 	)
 }

@@ -119,7 +119,7 @@ func (a *Agent) checkMeshed(c *checker, rec PodRecord) {
 	if err := a.view.InboundHooks(want); err != nil {
 		c.fail("inbound tc hooks", err.Error()+": connections from other nodes reach the app without its sidecar", fixRestart)
 	} else {
-		c.pass("inbound tc hooks", fmt.Sprintf("ingress and egress programs on %s", want.Interface.Name))
+		c.pass("inbound tc hooks", fmt.Sprintf("ingress program on %s", want.Interface.Name))
 	}
 	if want.Cgroup != "" {
 		if err := a.view.CgroupHooks(want); err != nil {

@@ -203,7 +203,10 @@ func connFromRecord(r bpf.ConnsMlConn, listeners map[listenerKey]uint16) Conn {
 	case bpf.MeshlaneMlRedirectKindML_REDIRECT_DNS:
 		c.Kind = KindDNS
 	case bpf.MeshlaneMlRedirectKindML_REDIRECT_INBOUND_REMOTE:
-		c.Kind = KindInboundRemote
+		// Only the accepted socket is recorded (the client runs no
+		// meshlane program), and it keeps the port that was dialed.
+		c.Kind, c.Side = KindInboundRemote, SideListener
+		return c
 	default:
 		c.Kind = fmt.Sprintf("kind-%d", r.Orig.Kind)
 	}

@@ -27,12 +27,13 @@ const DefaultBPFFS = "/sys/fs/bpf/meshlane"
 // LayoutVersion names the pinned maps' directory. Bump it whenever a map's
 // key or value layout changes in bpf/meshlane.c: pinned maps are only checked
 // for type and sizes on reuse, never for the meaning of their bytes, so a new
-// layout must never open an old pin. TestLayoutVersion guards it.
-// meshlane_flows is the one map whose entries the agent cannot rebuild
-// (they are live connections from other nodes): a layout change that
-// touches it must copy them into the new map before Attach swaps the
-// programs, or those connections break at the upgrade.
-const LayoutVersion = 3
+// layout must never open an old pin. TestLayoutVersion guards it. Every
+// entry can be rebuilt by the agent (pods) or lives on a socket (original
+// destinations, sockhash), so an upgrade to a new layout loses no
+// connection once it is established; version 3's connections from other
+// nodes, which tc rewrote packet by packet, are the exception (see
+// legacyEgress).
+const LayoutVersion = 4
 
 // Options configure Load.
 type Options struct {

@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Inbound hook modes: how the tc programs sit on a pod's interface.
+// Inbound hook modes: how the tc program sits on a pod's interface.
 const (
 	// InboundAuto uses tcx where the kernel has it (6.6) and tc otherwise;
 	// an empty mode means the same.
@@ -44,6 +44,13 @@ const (
 	tcFilterHandle = 0x1
 )
 
+// legacyEgress names the egress hook of layout 3, whose programs rewrote
+// every segment of a connection from outside the pod (its tcx pin, and its
+// classic filter on the egress side). Layout 4 needs none: a re-attach
+// removes it, which breaks the connections from other nodes that layout 3
+// had rewritten and that are still open (a one-time cost of that upgrade).
+const legacyEgress = "egress"
+
 // inboundRoot holds one directory of pinned tcx links per pod; removing
 // it detaches them all.
 func inboundRoot(bpffs string) string { return filepath.Join(bpffs, "inbound") }
@@ -63,12 +70,11 @@ type hook struct {
 func (d *Datapath) hooks() []hook {
 	return []hook{
 		{"ingress", d.objs.MeshlaneTcIngress, ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS},
-		{"egress", d.objs.MeshlaneTcEgress, ebpf.AttachTCXEgress, netlink.HANDLE_MIN_EGRESS},
 	}
 }
 
-// attachInbound puts the tc programs on the pod's interface, or swaps this
-// datapath's programs into the ones already there (restart, upgrade).
+// attachInbound puts the tc program on the pod's interface, or swaps this
+// datapath's program into the one already there (restart, upgrade).
 // Without them a connection from another node reaches the app's port and
 // skips the sidecar.
 func (d *Datapath) attachInbound(p Pod) error {
@@ -111,6 +117,9 @@ func (d *Datapath) InboundMode() string { return d.inbound }
 
 func (d *Datapath) attachTCX(p Pod) error {
 	dir := d.opts.inboundDir(p.NetnsCookie)
+	if err := os.Remove(filepath.Join(dir, legacyEgress)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("datapath: remove the layout 3 egress hook of pod %d: %w", p.NetnsCookie, err)
+	}
 	var missing []hook
 	for _, h := range d.hooks() {
 		pin := filepath.Join(dir, h.name)
@@ -139,12 +148,10 @@ func (d *Datapath) attachTCX(p Pod) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("datapath: create pin directory %s: %w", dir, err)
 	}
-	// Each tcx attach waits for an RCU grace period under the rtnl lock
-	// (the kernel swaps the device's program array, then
-	// synchronize_rcu()): about 12 ms each on a 2-vCPU VM, so the two
-	// directions add about 25 ms to a meshed pod's ADD, and attaching them
-	// side by side does not help. Classic tc filters attach in 0.3 ms
-	// (docs/benchmarks.md, control path).
+	// A tcx attach waits for an RCU grace period under the rtnl lock (the
+	// kernel swaps the device's program array, then synchronize_rcu()):
+	// about 12 ms on a 2-vCPU VM, added to a meshed pod's ADD. Classic tc
+	// filters attach in 0.3 ms (docs/benchmarks.md, control path).
 	err := inNetns(p.Interface, func(ifindex int) error {
 		for _, h := range missing {
 			l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: h.prog, Attach: h.tcx})
@@ -162,8 +169,6 @@ func (d *Datapath) attachTCX(p Pod) error {
 		return nil
 	})
 	if err != nil {
-		// Never one direction without the other: an ingress rewrite
-		// whose replies keep the listener's port breaks the connection.
 		return errors.Join(err, os.RemoveAll(dir))
 	}
 	return nil
@@ -238,35 +243,41 @@ func (d *Datapath) attachTC(p Pod) error {
 		return fmt.Errorf("datapath: add clsact qdisc on %s: %w", p.Interface.Name, err)
 	}
 	for _, hk := range d.hooks() {
-		f := tcFilter(idx, hk)
+		f := tcFilter(idx, hk.parent)
 		f.Fd, f.Name, f.DirectAction = hk.prog.FD(), "meshlane_"+hk.name, true
 		if err := h.FilterReplace(f); err != nil {
-			// Never one direction without the other.
-			return errors.Join(fmt.Errorf("datapath: add tc %s filter on %s: %w", hk.name, p.Interface.Name, err),
-				d.removeTCFilters(h, idx, p.Interface.Name))
+			return fmt.Errorf("datapath: add tc %s filter on %s: %w", hk.name, p.Interface.Name, err)
 		}
+	}
+	if err := h.FilterDel(tcFilter(idx, legacyEgressParent)); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("datapath: remove the layout 3 tc egress filter on %s: %w", p.Interface.Name, err)
 	}
 	return nil
 }
 
-func tcFilter(ifindex int, hk hook) *netlink.BpfFilter {
+// legacyEgressParent is the clsact side of layout 3's egress filter.
+const legacyEgressParent = netlink.HANDLE_MIN_EGRESS
+
+func tcFilter(ifindex int, parent uint32) *netlink.BpfFilter {
 	return &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{
-		LinkIndex: ifindex, Parent: hk.parent, Handle: tcFilterHandle,
+		LinkIndex: ifindex, Parent: parent, Handle: tcFilterHandle,
 		Priority: tcFilterPrio, Protocol: unix.ETH_P_ALL,
 	}}
 }
 
+// removeTCFilters removes meshlane's classic filters from an interface:
+// the ingress one, and layout 3's egress one if it is still there.
 func (d *Datapath) removeTCFilters(h *netlink.Handle, ifindex int, ifname string) error {
 	var errs []error
-	for _, hk := range d.hooks() {
-		if err := h.FilterDel(tcFilter(ifindex, hk)); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("datapath: remove tc %s filter on %s: %w", hk.name, ifname, err))
+	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, legacyEgressParent} {
+		if err := h.FilterDel(tcFilter(ifindex, parent)); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("datapath: remove tc filter %x on %s: %w", parent, ifname, err))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// detachInbound removes the pod's tc programs: its pinned tcx links (the
+// detachInbound removes the pod's tc program: its pinned tcx link (the
 // kernel detaches a link once its last pin and handle are gone) or its
 // classic filters while the interface still exists. A pod whose netns is
 // gone has lost its interface and its hooks with it.
@@ -288,29 +299,30 @@ func (d *Datapath) detachInbound(p Pod) error {
 
 // removeLegacyInbound removes the classic tc filters of this datapath from
 // every network namespace on the node. Unlike tcx links they have no pin to
-// remove, and a filter left behind would keep its programs, and with them
-// the unpinned maps, rewriting connections that no sockops adopts any more.
+// remove, and a filter left behind would keep its program, and with it the
+// unpinned maps, steering connections to sidecars by stale rules.
 func (d *Datapath) removeLegacyInbound() error {
-	return removeTCFiltersUsing(d.objs.MeshlaneFlows)
+	return removeTCFiltersUsing(d.objs.MeshlanePodips)
 }
 
-// mapID is the kernel's id of meshlane_flows, by which meshlane's classic
-// tc filters are told from another datapath's.
-func mapID(flows *ebpf.Map) (ebpf.MapID, error) {
-	info, err := flows.Info()
+// mapID is the kernel's id of a map (meshlane_podips, or layout 3's
+// meshlane_flows), by which meshlane's classic tc filters are told from
+// another datapath's.
+func mapID(m *ebpf.Map) (ebpf.MapID, error) {
+	info, err := m.Info()
 	if err != nil {
-		return 0, fmt.Errorf("datapath: read meshlane_flows info: %w", err)
+		return 0, fmt.Errorf("datapath: read map info: %w", err)
 	}
 	id, _ := info.ID()
 	return id, nil
 }
 
 // removeTCFiltersUsing deletes meshlane's classic tc filters whose program
-// uses this flows map, so another meshlane datapath on the same
-// kernel (a test's, another bpffs) keeps its own. Network namespaces are
-// found where runtimes bind-mount them and through every process.
-func removeTCFiltersUsing(flows *ebpf.Map) error {
-	flowsID, err := mapID(flows)
+// uses map m, so another meshlane datapath on the same kernel (a test's,
+// another bpffs) keeps its own. Network namespaces are found where
+// runtimes bind-mount them and through every process.
+func removeTCFiltersUsing(m *ebpf.Map) error {
+	id, err := mapID(m)
 	if err != nil {
 		return err
 	}
@@ -325,14 +337,14 @@ func removeTCFiltersUsing(flows *ebpf.Map) error {
 			continue
 		}
 		seen[st.Ino] = true
-		if err := removeTCFiltersIn(path, flowsID); err != nil {
+		if err := removeTCFiltersIn(path, id); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func removeTCFiltersIn(path string, flowsID ebpf.MapID) error {
+func removeTCFiltersIn(path string, id ebpf.MapID) error {
 	nsh, err := netns.GetFromPath(path)
 	if err != nil {
 		return nil // the namespace went away meanwhile
@@ -356,7 +368,7 @@ func removeTCFiltersIn(path string, flowsID ebpf.MapID) error {
 			}
 			for _, f := range filters {
 				bf, ok := f.(*netlink.BpfFilter)
-				if !ok || bf.Priority != tcFilterPrio || !usesMap(bf.Id, flowsID) {
+				if !ok || bf.Priority != tcFilterPrio || !usesMap(bf.Id, id) {
 					continue
 				}
 				if err := h.FilterDel(bf); err != nil && !errors.Is(err, unix.ENOENT) {
@@ -388,9 +400,11 @@ func usesMap(progID int, mapID ebpf.MapID) bool {
 }
 
 // removePinnedLegacyInbound is removeLegacyInbound for a datapath that is
-// only pinned, found by its pinned flows map.
+// only pinned, found by its pinned maps of every layout (layout 3's egress
+// program used meshlane_flows only).
 func removePinnedLegacyInbound(bpffs string) error {
-	return eachPinnedMap(bpffs, "meshlane_flows", removeTCFiltersUsing)
+	return errors.Join(eachPinnedMap(bpffs, "meshlane_podips", removeTCFiltersUsing),
+		eachPinnedMap(bpffs, "meshlane_flows", removeTCFiltersUsing))
 }
 
 // eachPinnedMap runs fn on the pinned map of this name of every layout.
@@ -441,7 +455,7 @@ func (d *Datapath) InboundHooks(p Pod) error {
 }
 
 func (d *Datapath) tcFiltersPresent(p Pod) error {
-	flowsID, err := mapID(d.objs.MeshlaneFlows)
+	id, err := mapID(d.objs.MeshlanePodips)
 	if err != nil {
 		return err
 	}
@@ -457,7 +471,7 @@ func (d *Datapath) tcFiltersPresent(p Pod) error {
 		}
 		if !slices.ContainsFunc(filters, func(f netlink.Filter) bool {
 			bf, ok := f.(*netlink.BpfFilter)
-			return ok && bf.Priority == tcFilterPrio && usesMap(bf.Id, flowsID)
+			return ok && bf.Priority == tcFilterPrio && usesMap(bf.Id, id)
 		}) {
 			return fmt.Errorf("no meshlane tc %s filter on %s", hk.name, p.Interface.Name)
 		}

@@ -26,7 +26,6 @@ func (d *Datapath) MapFill() (map[string]MapFill, error) {
 		"meshlane_ports":   d.objs.MeshlanePorts,
 		"meshlane_cidrs":   d.objs.MeshlaneCidrs,
 		"meshlane_origdst": d.objs.MeshlaneOrigdst,
-		"meshlane_flows":   d.objs.MeshlaneFlows,
 		"meshlane_sockh":   d.objs.MeshlaneSockh,
 	}
 	out := make(map[string]MapFill, len(maps))

@@ -99,10 +99,9 @@ func datapathPrograms(linksDir string) (map[string]*ebpf.Program, error) {
 	return progs, nil
 }
 
-// tcPrograms opens the tc programs on a meshed pod's eth0, keyed
-// "tc-ingress" and "tc-egress": every meshed pod runs the same two, on
-// every packet it sends or receives, so their run time belongs with the
-// datapath's. tcx hooks are found through the links the datapath pins per
+// tcPrograms opens the tc program on a meshed pod's eth0, keyed
+// "tc-ingress": every meshed pod runs the same one, on every packet it
+// receives, so its run time belongs with the datapath's. tcx hooks are found through the links the datapath pins per
 // pod, classic filters through netlink in the pod's namespace.
 func tcPrograms(bpffs string, pod *testenv.Pod) (map[string]*ebpf.Program, error) {
 	ids := map[string]ebpf.ProgramID{}
@@ -124,7 +123,7 @@ func tcPrograms(bpffs string, pod *testenv.Pod) (map[string]*ebpf.Program, error
 			if err != nil {
 				return err
 			}
-			for name, parent := range map[string]uint32{"tc-ingress": netlink.HANDLE_MIN_INGRESS, "tc-egress": netlink.HANDLE_MIN_EGRESS} {
+			for name, parent := range map[string]uint32{"tc-ingress": netlink.HANDLE_MIN_INGRESS} {
 				filters, err := netlink.FilterList(eth, parent)
 				if err != nil {
 					return fmt.Errorf("list %s filters: %w", name, err)
@@ -141,8 +140,8 @@ func tcPrograms(bpffs string, pod *testenv.Pod) (map[string]*ebpf.Program, error
 			return nil, fmt.Errorf("tc filters of pod %s: %w", pod.Name, err)
 		}
 	}
-	if len(ids) != 2 {
-		return nil, fmt.Errorf("found tc programs %v on pod %s, want ingress and egress: has the datapath's hook layout changed?", ids, pod.Name)
+	if len(ids) != 1 {
+		return nil, fmt.Errorf("found tc programs %v on pod %s, want the ingress one: has the datapath's hook layout changed?", ids, pod.Name)
 	}
 	progs := map[string]*ebpf.Program{}
 	for name, id := range ids {

@@ -1,9 +1,13 @@
 package datapath_test
 
 import (
+	"bufio"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -183,8 +187,8 @@ func (tp *inboundTopology) check(t *testing.T, fam string) {
 }
 
 // TestInboundShortConnectionsLeaveNoState: 10,000 short connections from
-// another node's pod through B's inbound sidecar, over IPv4 and IPv6, leave
-// no flow and no record behind.
+// another node's pod through B's inbound sidecar, over IPv4 and IPv6, are
+// all steered and answered, and leave no record behind.
 func TestInboundShortConnectionsLeaveNoState(t *testing.T) {
 	const total, clients = 10_000, 4
 	tp := newInboundTopology(t, mesh.Istio, datapath.InboundAuto)
@@ -220,26 +224,26 @@ func TestInboundShortConnectionsLeaveNoState(t *testing.T) {
 		t.Error(err)
 	}
 	after := n.counters()
-	for _, c := range []string{"redirect_inbound_remote", "origdst_answered", "remote_flow_ended"} {
+	for _, c := range []string{"redirect_inbound_remote", "origdst_answered"} {
 		if got := after[c] - before[c]; got != total {
 			t.Errorf("%s went up by %d, want %d", c, got, total)
 		}
 	}
-	if got := after["remote_flow_failed"] + after["remote_rewrite_failed"]; got != 0 {
-		t.Errorf("remote_flow_failed + remote_rewrite_failed = %d", got)
+	if got := after["remote_no_listener"] + after["remote_assign_failed"]; got != 0 {
+		t.Errorf("remote_no_listener + remote_assign_failed = %d", got)
 	}
-	for _, m := range []string{"meshlane_flows", "meshlane_origdst"} {
-		waitMapEmpty(t, n, m)
-	}
+	waitMapEmpty(t, n, "meshlane_origdst")
 	if ev := sidecarEvents(t, tp.sideB); len(ev) != total {
 		t.Errorf("sidecar B accepted %d connections, want %d", len(ev), total)
 	}
 }
 
 // TestUninstallRemovesInboundHooks: `meshlane-agent uninstall` (RemovePins
-// on a closed datapath) takes the tc programs off every pod interface, in
-// both modes: connections from other nodes reach the app directly again,
-// and no meshlane filter stays behind.
+// on a closed datapath) takes the tc program off every pod interface, in
+// both modes: new connections from other nodes reach the app directly
+// again, no meshlane filter stays behind, and a connection the program
+// steered before goes on through the sidecar (it never needed tc after its
+// SYN).
 func TestUninstallRemovesInboundHooks(t *testing.T) {
 	for _, mode := range []string{datapath.InboundTCX, datapath.InboundTC} {
 		t.Run(mode, func(t *testing.T) {
@@ -251,12 +255,17 @@ func TestUninstallRemovesInboundHooks(t *testing.T) {
 			if ev := newEvents(t, tp.sideB, seen); len(ev) != 1 {
 				t.Fatalf("before uninstall: sidecar B events %+v, want one", ev)
 			}
+			// This test process runs no meshlane program: from R's
+			// netns it is another node's client.
+			held := dialIn(t, tp.r, to)
+			echo(t, held, "before")
 			if err := n.dp.Close(); err != nil {
 				t.Fatal(err)
 			}
 			if err := datapath.RemovePins(n.bpffs); err != nil {
 				t.Fatal(err)
 			}
+			echo(t, held, "after the uninstall")
 			seen = len(sidecarEvents(t, tp.sideB))
 			r := parseReply(t, n.client(tp.remote(), to)[0].Reply)
 			if r.Remote.Addr() != tp.r.IPv4 || r.Local.String() != to {
@@ -271,6 +280,45 @@ func TestUninstallRemovesInboundHooks(t *testing.T) {
 			// The node's cleanup uninstalls a loaded datapath.
 			reloadNode(t, n, false)
 		})
+	}
+}
+
+// dialIn opens a connection from inside p's netns, says HELLO to the app
+// server behind to, and checks it answered through B's sidecar (its
+// passthrough source, 127.0.0.6).
+func dialIn(t *testing.T, p *testenv.Pod, to string) net.Conn {
+	t.Helper()
+	var c net.Conn
+	err := testenv.InNetns(p.NetnsPath, func() (err error) {
+		c, err = net.DialTimeout("tcp", to, 5*time.Second)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte("HELLO held\n")); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil || !strings.Contains(line, "remote=127.0.0.6:") {
+		t.Fatalf("reply %q, %v: want the app reached through the sidecar's passthrough", line, err)
+	}
+	return c
+}
+
+// echo sends a line on c and wants it back.
+func echo(t *testing.T, c net.Conn, when string) {
+	t.Helper()
+	msg := "echo " + when + "\n"
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatalf("%s: write: %v", when, err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+		t.Fatalf("%s: echo %q, %v; want %q", when, buf, err, msg)
 	}
 }
 
@@ -300,4 +348,55 @@ func bpfFilters(t *testing.T, p *testenv.Pod) []string {
 		t.Fatal(err)
 	}
 	return names
+}
+
+// TestInboundWithoutSidecar: while a meshed pod's sidecar is not
+// listening, a connection from another node to a redirected port is
+// dropped at its SYN, never handed to the app around the sidecar; once the
+// sidecar listens, connections go through it.
+func TestInboundWithoutSidecar(t *testing.T) {
+	n := newNode(t, false)
+	b, r := n.pod("b"), n.pod("r")
+	remoteCg := testenv.TempCgroup(t)
+	n.meshInbound(b, mesh.Istio, nil)
+	n.server(b, "b", appPort)
+	remote := where{pod: r, uid: appUID, gid: appUID, cg: remoteCg}
+	to := hostPort(b.IPv4, appPort)
+
+	before := n.counters()
+	if res, err := n.tryClient(remote, to, "--timeout", "1s"); err == nil {
+		t.Fatalf("connected to the app with no sidecar listening: %+v", res)
+	}
+	if got := n.counters()["remote_no_listener"] - before["remote_no_listener"]; got == 0 {
+		t.Fatal("remote_no_listener did not count the dropped SYN")
+	}
+	side := n.sidecar(b, mesh.Istio)
+	n.client(remote, to)
+	if ev := sidecarEvents(t, side); len(ev) != 1 || ev[0].OrigDst != to {
+		t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
+	}
+}
+
+// TestInboundReuseportListener: Envoy sets SO_REUSEPORT on its listeners;
+// a SYN from another node is steered to such a listener too, IPv4 and
+// IPv6.
+func TestInboundReuseportListener(t *testing.T) {
+	n := newNode(t, false)
+	b, r := n.pod("b"), n.pod("r")
+	remoteCg := testenv.TempCgroup(t)
+	n.meshInbound(b, mesh.Istio, nil)
+	n.server(b, "b", appPort)
+	side := n.sidecar(b, mesh.Istio, "--reuseport")
+	remote := where{pod: r, uid: appUID, gid: appUID, cg: remoteCg}
+	for _, ip := range []netip.Addr{b.IPv4, b.IPv6} {
+		to := hostPort(ip, appPort)
+		seen, before := len(sidecarEvents(t, side)), n.counters()
+		n.client(remote, to)
+		if ev := newEvents(t, side, seen); len(ev) != 1 || ev[0].OrigDst != to {
+			t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
+		}
+		if got := n.counters()["redirect_inbound_remote"] - before["redirect_inbound_remote"]; got != 1 {
+			t.Fatalf("tc steered %d connections, want 1", got)
+		}
+	}
 }

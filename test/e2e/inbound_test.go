@@ -129,18 +129,18 @@ func TestRemoteNodePods(t *testing.T) {
 		}
 	})
 
-	t.Run("no flow outlives its connection", func(t *testing.T) {
+	t.Run("no record outlives its connection", func(t *testing.T) {
 		var (
-			k bpf.MeshlaneMlFlowKey
-			v bpf.MeshlaneMlFlow
+			k bpf.MeshlaneMlTuple
+			v bpf.MeshlaneMlOrigdst
 		)
 		n := -1
 		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && n != 0; time.Sleep(100 * time.Millisecond) {
 			n = 0
-			eachEntry(e, "meshlane_flows", &k, &v, func(_, _ any) { n++ })
+			eachEntry(e, "meshlane_origdst", &k, &v, func(_, _ any) { n++ })
 		}
 		if n != 0 {
-			t.Fatalf("meshlane_flows still holds %d entries", n)
+			t.Fatalf("meshlane_origdst still holds %d entries", n)
 		}
 	})
 

@@ -41,7 +41,7 @@ func runHTTPServer(args []string) error {
 	if err != nil {
 		return usageError(fs, "--listen: %v", err)
 	}
-	lns, err := listenAll(addrs, false)
+	lns, err := listenAll(addrs, listenOpts{})
 	if err != nil {
 		return err
 	}

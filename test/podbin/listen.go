@@ -34,14 +34,20 @@ func parseAddrPorts(list string) ([]netip.AddrPort, error) {
 	return out, nil
 }
 
-// listenAll opens one TCP listener per address. IPv6 listeners are
-// IPV6_V6ONLY so that 0.0.0.0:P and [::]:P can be bound side by side as two
-// sockets, the way Envoy binds them; dualstack instead leaves IPv6 sockets
-// open to v4-mapped peers (a single [::]:P for both families).
-func listenAll(addrs []netip.AddrPort, dualstack bool) ([]*net.TCPListener, error) {
+// listenOpts shape the listeners. IPv6 listeners are IPV6_V6ONLY so that
+// 0.0.0.0:P and [::]:P can be bound side by side as two sockets, the way
+// Envoy binds them; dualstack instead leaves IPv6 sockets open to v4-mapped
+// peers (a single [::]:P for both families). reuseport sets SO_REUSEPORT,
+// as Envoy does on its listeners by default.
+type listenOpts struct {
+	dualstack, reuseport bool
+}
+
+// listenAll opens one TCP listener per address.
+func listenAll(addrs []netip.AddrPort, o listenOpts) ([]*net.TCPListener, error) {
 	var lns []*net.TCPListener
 	for _, ap := range addrs {
-		ln, err := listenOne(ap, dualstack)
+		ln, err := listenOne(ap, o)
 		if err != nil {
 			for _, l := range lns {
 				l.Close()
@@ -53,31 +59,37 @@ func listenAll(addrs []netip.AddrPort, dualstack bool) ([]*net.TCPListener, erro
 	return lns, nil
 }
 
-func listenOne(ap netip.AddrPort, dualstack bool) (*net.TCPListener, error) {
+func listenOne(ap netip.AddrPort, o listenOpts) (*net.TCPListener, error) {
 	network := "tcp4"
-	lc := net.ListenConfig{}
+	v6only := -1 // not set
 	if ap.Addr().Is6() {
-		network = "tcp6"
-		v6only := 1
-		if dualstack {
+		network, v6only = "tcp6", 1
+		if o.dualstack {
 			v6only = 0
 		}
-		lc.Control = func(_, _ string, rc syscall.RawConn) error {
-			var serr error
-			if err := rc.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, v6only)
-			}); err != nil {
-				return err
-			}
-			if serr != nil {
-				return fmt.Errorf("setsockopt(IPV6_V6ONLY=%d): %w", v6only, serr)
-			}
-			return nil
-		}
 	}
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			if v6only >= 0 {
+				if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, v6only); err != nil {
+					serr = fmt.Errorf("setsockopt(IPV6_V6ONLY=%d): %w", v6only, err)
+					return
+				}
+			}
+			if o.reuseport {
+				if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+					serr = fmt.Errorf("setsockopt(SO_REUSEPORT): %w", err)
+				}
+			}
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
 	ln, err := lc.Listen(context.Background(), network, ap.String())
 	if err != nil {
-		if dualstack && errors.Is(err, unix.EADDRINUSE) {
+		if o.dualstack && errors.Is(err, unix.EADDRINUSE) {
 			return nil, fmt.Errorf("listen %s: %w (with --dualstack an IPv6 wildcard also takes the IPv4 port: list only the [::] address)", ap, err)
 		}
 		return nil, fmt.Errorf("listen %s: %w", ap, err)

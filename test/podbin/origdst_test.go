@@ -73,7 +73,7 @@ func TestOriginalDstWithoutRedirect(t *testing.T) {
 		{"[::1]:0", "SOL_IPV6,"},
 	} {
 		t.Run(tc.addr, func(t *testing.T) {
-			lns, err := listenAll([]netip.AddrPort{netip.MustParseAddrPort(tc.addr)}, false)
+			lns, err := listenAll([]netip.AddrPort{netip.MustParseAddrPort(tc.addr)}, listenOpts{})
 			if err != nil {
 				t.Skipf("no loopback for this family here: %v", err)
 			}
@@ -103,7 +103,7 @@ func TestOriginalDstWithoutRedirect(t *testing.T) {
 // TestOriginalDstV4MappedTriesBothLevels: a v4 client on a dual-stack IPv6
 // listener is asked at SOL_IP first, then at SOL_IPV6.
 func TestOriginalDstV4MappedTriesBothLevels(t *testing.T) {
-	lns, err := listenAll([]netip.AddrPort{netip.MustParseAddrPort("[::]:0")}, true)
+	lns, err := listenAll([]netip.AddrPort{netip.MustParseAddrPort("[::]:0")}, listenOpts{dualstack: true})
 	if err != nil {
 		t.Skipf("no IPv6 here: %v", err)
 	}
@@ -147,7 +147,7 @@ func TestListenAllSeparateFamilies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lns, err := listenAll(addrs, false)
+	lns, err := listenAll(addrs, listenOpts{})
 	if err != nil {
 		t.Fatalf("listenAll(%v): %v", addrs, err)
 	}

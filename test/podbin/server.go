@@ -57,7 +57,7 @@ func runServer(args []string) error {
 			return err
 		}
 	}
-	lns, err := listenAll(addrs, false)
+	lns, err := listenAll(addrs, listenOpts{})
 	if err != nil {
 		return err
 	}

@@ -45,6 +45,7 @@ func runSidecar(args []string) error {
 	copyMode := fs.String("copy", "buffer", "how to relay bytes: buffer (read/write loop, 32 KiB) or splice (io.Copy between TCP conns, which uses splice(2))")
 	ready := fs.String("ready", "", "write the bound addresses to this file once every listener is up")
 	dualstack := fs.Bool("dualstack", false, "let IPv6 listeners accept v4-mapped connections (one [::] socket for both families)")
+	reuseport := fs.Bool("reuseport", false, "set SO_REUSEPORT on the listeners, as Envoy does by default")
 	dialTimeout := fs.Duration("dial-timeout", 5*time.Second, "timeout for upstream connections")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -90,11 +91,11 @@ func runSidecar(args []string) error {
 			return err
 		}
 	}
-	outLns, err := listenAll(outAddrs, *dualstack)
+	outLns, err := listenAll(outAddrs, listenOpts{*dualstack, *reuseport})
 	if err != nil {
 		return fmt.Errorf("outbound listener: %w", err)
 	}
-	inLns, err := listenAll(inAddrs, *dualstack)
+	inLns, err := listenAll(inAddrs, listenOpts{*dualstack, *reuseport})
 	if err != nil {
 		return fmt.Errorf("inbound listener: %w", err)
 	}
@@ -120,11 +121,12 @@ func (s *sidecar) serve(ln *net.TCPListener, kind string) error {
 		if err != nil {
 			return fmt.Errorf("%s listener %s: accept: %w", kind, ln.Addr(), err)
 		}
-		go s.handle(c, kind)
+		go s.handle(c, kind, uint16(ln.Addr().(*net.TCPAddr).Port))
 	}
 }
 
-func (s *sidecar) handle(c *net.TCPConn, kind string) {
+// handle relays one accepted connection; port is its listener's.
+func (s *sidecar) handle(c *net.TCPConn, kind string, port uint16) {
 	ev := wire.SidecarEvent{
 		Event:    wire.EventAccepted,
 		ID:       s.nextID.Add(1),
@@ -133,9 +135,12 @@ func (s *sidecar) handle(c *net.TCPConn, kind string) {
 		Remote:   c.RemoteAddr().String(),
 	}
 	dst, err := originalDst(c)
-	if err == nil && unmapped(dst) == unmapped(c.LocalAddr().(*net.TCPAddr).AddrPort()) {
+	if self := netip.AddrPortFrom(unmapped(c.LocalAddr().(*net.TCPAddr).AddrPort()).Addr(), port); err == nil && unmapped(dst) == self {
 		// Conntrack answers with the socket's own address when nothing
-		// rewrote the destination; relaying would connect to ourselves.
+		// rewrote the destination: the listener's port on the accepted
+		// address. Relaying would connect to ourselves. (A connection
+		// steered to the listener keeps the address and port it dialed,
+		// which are its original destination, as with TPROXY.)
 		err = errors.New("original destination is this listener itself: the connection was not redirected")
 	}
 	if err != nil {

@@ -12,9 +12,9 @@
  *              SO_ORIGINAL_DST (SOL_IP) on IPv4 sockets,
  *              IP6T_SO_ORIGINAL_DST (SOL_IPV6) on IPv6 ones; conntrack
  *              answers under iptables, meshlane's getsockopt program under
- *              meshlane. No answer, or an answer that is the socket's own
- *              address (nothing redirected it): the connection is closed
- *              and counted.
+ *              meshlane. No answer, or an answer that is the listener's own
+ *              port on the accepted address (nothing redirected it): the
+ *              connection is closed and counted.
  *   upstream   a non-blocking connect to that destination; inbound from
  *              127.0.0.6 or ::6, Istio's inbound passthrough source, which
  *              the redirect leaves alone.
@@ -367,9 +367,18 @@ static void start_conn(struct listener *l, int fd)
 		return;
 	}
 	/* Conntrack answers with the socket's own address when nothing
-	 * rewrote the destination; relaying would connect to ourselves. */
+	 * rewrote the destination: the listener's own port on the accepted
+	 * address. Relaying would connect to ourselves. (A connection steered
+	 * to the listener keeps the address and port it dialed, which are its
+	 * original destination, as with TPROXY.) */
 	if (getsockname(fd, (struct sockaddr *)&self, &len) == 0) {
+		in_port_t port = l->addr.sa.sa_family == AF_INET ? l->addr.in.sin_port : l->addr.in6.sin6_port;
+
 		unmap(&self);
+		if (self.ss_family == AF_INET)
+			((struct sockaddr_in *)&self)->sin_port = port;
+		else
+			((struct sockaddr_in6 *)&self)->sin6_port = port;
 		if (same_addr(&dst, &self)) {
 			fail_log("original destination %s is this listener itself: the connection was not redirected",
 				 addr_str((struct sockaddr *)&dst, s, sizeof(s)));
