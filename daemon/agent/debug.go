@@ -31,7 +31,7 @@ type DatapathView interface {
 	ReadPod(netns uint64) (datapath.Pod, bool, error)
 	// PodIPOwner returns the netns cookie meshlane_podips maps ip to.
 	PodIPOwner(ip netip.Addr) (uint64, bool, error)
-	// InboundHooks says what is missing of the pod's tc programs.
+	// InboundHooks says what is missing of the pod's tc program.
 	InboundHooks(p datapath.Pod) error
 	// CgroupHooks says what is missing of the pod's cgroup programs in pod
 	// scope.

@@ -152,7 +152,7 @@ type PodSettings struct {
 	ProxyLoopbackInbound bool
 }
 
-// PodInterface is where the pod's tc programs sit: the interface name the
+// PodInterface is where the pod's tc program sit: the interface name the
 // CNI plugin reported, in the netns at path Netns.
 type PodInterface struct {
 	Netns string
@@ -183,7 +183,7 @@ type DatapathStatus struct {
 	BPFFS   string `json:"bpffs"`
 	MapsDir string `json:"mapsDir"`
 	Sockmap bool   `json:"sockmap"`
-	// Inbound is how the tc programs that redirect connections from other
+	// Inbound is how the tc program that steers connections from other
 	// nodes sit on pod interfaces: "tcx" or "tc".
 	Inbound  string             `json:"inbound"`
 	Links    []Link             `json:"links"`

@@ -47,7 +47,7 @@ type Options struct {
 	Scope string
 	// Sockmap turns on the sockops/sk_msg short-circuit.
 	Sockmap bool
-	// Inbound is how the tc programs attach to pod interfaces:
+	// Inbound is how the tc program attaches to pod interfaces:
 	// InboundAuto (tcx where the kernel has it), InboundTCX or InboundTC.
 	Inbound string
 	// Logger may be nil.
@@ -446,7 +446,7 @@ const DetachGrace = time.Second
 
 // detach unpins and closes links (which detaches them), keyed by their pin
 // paths: first the hooks that start redirections (of the node or of any
-// pod), and stopNewFlows, which keeps the tc programs
+// pod), and stopNewFlows, which keeps the tc program
 // from starting any (they stay, and so do their flows, until the caller
 // removes them); then, after DetachGrace, the rest.
 func detach(links map[string]link.Link, stopNewFlows func() error) []error {
@@ -468,7 +468,7 @@ func detach(links map[string]link.Link, stopNewFlows func() error) []error {
 		}
 	}
 	if err := stopNewFlows(); err != nil {
-		errs = append(errs, fmt.Errorf("stop the tc programs' new redirects: %w", err))
+		errs = append(errs, fmt.Errorf("stop the tc program's new redirects: %w", err))
 	}
 	if stopped && len(links) > 0 {
 		time.Sleep(DetachGrace)

@@ -201,7 +201,7 @@ func inNetns(ifc PodInterface, fn func(ifindex int) error) error {
 // from other nodes bypassing the sidecar.
 func ethernetOnly(name string, mac net.HardwareAddr) error {
 	if len(mac) != 6 {
-		return fmt.Errorf("datapath: pod interface %s has no Ethernet header; meshlane's inbound tc programs support Ethernet pod interfaces (veth) only", name)
+		return fmt.Errorf("datapath: pod interface %s has no Ethernet header; meshlane's inbound tc program supports Ethernet pod interfaces (veth) only", name)
 	}
 	return nil
 }
@@ -426,8 +426,8 @@ func eachPinnedMap(bpffs, name string, fn func(*ebpf.Map) error) error {
 	return errors.Join(errs...)
 }
 
-// InboundHooks checks that the pod's tc programs are in place: both pinned
-// tcx links attached to an interface, or both classic filters on it. The
+// InboundHooks checks that the pod's tc program is in place: its pinned
+// tcx link attached to an interface, or its classic filter on it. The
 // error says what is missing.
 func (d *Datapath) InboundHooks(p Pod) error {
 	if p.Interface.Name == "" {
@@ -480,10 +480,9 @@ func (d *Datapath) tcFiltersPresent(p Pod) error {
 }
 
 // emptyMap deletes every key of m. An uninstall empties meshlane_podips
-// this way before the grace period: the tc programs find no pod for a new
-// connection and leave it alone, while flows they already rewrite go on
-// until the hooks are removed after it (the connect hooks are gone by
-// then, and nothing else reads the map but the short-circuit).
+// this way before the grace period: the tc program finds no pod for a new
+// connection and leaves it alone (the connect hooks are gone by then, and
+// nothing else reads the map but sockops and the short-circuit).
 func emptyMap(m *ebpf.Map) error {
 	key := make([]byte, m.KeySize())
 	var keys [][]byte

@@ -46,7 +46,7 @@ type Info struct {
 	BPFFS   string
 	MapsDir string
 	Sockmap bool
-	// Inbound is how the tc programs sit on pod interfaces: tcx or tc.
+	// Inbound is how the tc program sits on pod interfaces: tcx or tc.
 	Inbound  string
 	Links    []LinkInfo
 	Features []Feature
@@ -92,11 +92,11 @@ func (d *Datapath) Info() Info {
 		}
 		info.Features = append(info.Features, f)
 	}
-	tcx := Feature{Name: "tcx links for the inbound tc programs (Linux >= 6.6)", Available: true,
+	tcx := Feature{Name: "tcx links for the inbound tc program (Linux >= 6.6)", Available: true,
 		Detail: "in use: pinned per pod under " + inboundRoot(d.opts.BPFFS)}
 	if info.Inbound != InboundTCX {
 		tcx.Available = false
-		tcx.Detail = "not in use (no tcx on this kernel, or --inbound-hooks tc): classic clsact filters carry the same programs; uninstall finds them by walking the network namespaces"
+		tcx.Detail = "not in use (no tcx on this kernel, or --inbound-hooks tc): a classic clsact filter carries the same program; uninstall finds it by walking the network namespaces"
 	}
 	info.Features = append(info.Features, tcx)
 	f := Feature{Name: "connections view (socket storage iterator, Linux >= 5.9 with BTF)", Available: true, Detail: "meshlanectl conns works"}

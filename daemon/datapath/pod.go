@@ -10,8 +10,8 @@ type Pod struct {
 	NetnsCookie uint64
 	// IPs are the pod's addresses (IPv4 and/or IPv6).
 	IPs []netip.Addr
-	// Interface is where the tc programs go that send connections from
-	// outside the node to the inbound listener. Without it (zero value),
+	// Interface is where the tc program goes that steers connections from
+	// outside the pod to the inbound listener. Without it (zero value),
 	// only the connect hooks redirect.
 	Interface PodInterface
 	// Cgroup is the pod's cgroup v2 directory, where the cgroup programs

@@ -168,7 +168,7 @@ func (p Pod) value() bpf.MeshlaneMlPod {
 }
 
 // UpsertPod writes a meshed pod, or replaces what was written for it, then
-// attaches the tc programs to its interface and, in pod scope, the cgroup
+// attaches the tc program to its interface and, in pod scope, the cgroup
 // programs to its cgroup (which read the maps, so they come second). Rules are written before the pod's own entry and stale
 // rules removed after it, so a concurrent connect() sees either the old
 // settings or the new ones, never a pod without its exclusions. A full map

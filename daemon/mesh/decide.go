@@ -81,7 +81,7 @@ type Settings struct {
 }
 
 // Pod returns the datapath's view of the pod with network namespace cookie,
-// addresses ips and interface ifc (where its inbound tc programs go; the
+// addresses ips and interface ifc (where its inbound tc program goes; the
 // zero value for none) and cgroup (where its cgroup programs go in pod
 // scope; "" in node scope). It copies every slice, so the result may be kept
 // and changed independently of s and ips; ips are sorted and deduplicated.

@@ -51,7 +51,7 @@ type config struct {
 	Kinds []string `json:"kinds"`
 	// Sidecar is the sidecar in pods A and B: sidecarC or sidecarGo.
 	Sidecar string `json:"sidecar"`
-	// Inbound is how the tc programs attach to meshed pods' interfaces,
+	// Inbound is how the tc program attaches to meshed pods' interfaces,
 	// in the data-path worlds and for the control path's agent.
 	Inbound string `json:"inboundHooks,omitempty"`
 	// CgroupScope is the control path agent's --cgroup-scope: in pod scope
@@ -174,7 +174,7 @@ func parseFlags(args []string) (config, error) {
 	closeConns := fs.Int("close-conns", 8, "connections of the new-connection-per-request workload")
 	bulk := fs.Int("bulk-bytes", 4<<20, "response body size of the bulk workload")
 	sidecar := fs.String("sidecar", sidecarC, "sidecar in pods A and B: c (the C epoll one, lighter) or go (podbin sidecar)")
-	inbound := fs.String("inbound-hooks", datapath.InboundAuto, "how meshlane's tc programs attach to meshed pods' interfaces: auto, tcx or tc (meshlane-agent's flag of the same name)")
+	inbound := fs.String("inbound-hooks", datapath.InboundAuto, "how meshlane's tc program attaches to meshed pods' interfaces: auto, tcx or tc (meshlane-agent's flag of the same name)")
 	scope := fs.String("cgroup-scope", datapath.ScopeNode, "the control workload agent's --cgroup-scope: node, or pod (each pod gets a cgroup, passed as cgroupPath; a meshed pod's ADD attaches the cgroup programs to it)")
 	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
 	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")

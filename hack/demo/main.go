@@ -241,8 +241,8 @@ func run(o options) error {
 	}
 
 	// A pod plays another node: not meshed, its client in a cgroup with no
-	// programs, so no connect hook sees it; the tc programs on each meshed
-	// pod's eth0 send its connections to the inbound sidecar.
+	// programs, so no connect hook sees it; the tc program on each meshed
+	// pod's eth0 steers its connections to the inbound sidecar.
 	step("traffic from another node: a pod whose processes no connect hook sees connects to every app")
 	remoteCg, err := testenv.NewCgroup(mount, "meshlane-demo-remote")
 	if err != nil {
