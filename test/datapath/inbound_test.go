@@ -350,17 +350,23 @@ func bpfFilters(t *testing.T, p *testenv.Pod) []string {
 	return names
 }
 
+// newMeshedServer is a node with pod B meshed (Istio, tc hook on its eth0)
+// and its app server up but no sidecar yet, and a client in pod R that no
+// connect hook sees, as another node's.
+func newMeshedServer(t *testing.T) (*node, *testenv.Pod, where) {
+	n := newNode(t, false)
+	b, r := n.pod("b"), n.pod("r")
+	n.meshInbound(b, mesh.Istio, nil)
+	n.server(b, "b", appPort)
+	return n, b, where{pod: r, uid: appUID, gid: appUID, cg: testenv.TempCgroup(t)}
+}
+
 // TestInboundWithoutSidecar: while a meshed pod's sidecar is not
 // listening, a connection from another node to a redirected port is
 // dropped at its SYN, never handed to the app around the sidecar; once the
 // sidecar listens, connections go through it.
 func TestInboundWithoutSidecar(t *testing.T) {
-	n := newNode(t, false)
-	b, r := n.pod("b"), n.pod("r")
-	remoteCg := testenv.TempCgroup(t)
-	n.meshInbound(b, mesh.Istio, nil)
-	n.server(b, "b", appPort)
-	remote := where{pod: r, uid: appUID, gid: appUID, cg: remoteCg}
+	n, b, remote := newMeshedServer(t)
 	to := hostPort(b.IPv4, appPort)
 
 	before := n.counters()
@@ -381,13 +387,8 @@ func TestInboundWithoutSidecar(t *testing.T) {
 // a SYN from another node is steered to such a listener too, IPv4 and
 // IPv6.
 func TestInboundReuseportListener(t *testing.T) {
-	n := newNode(t, false)
-	b, r := n.pod("b"), n.pod("r")
-	remoteCg := testenv.TempCgroup(t)
-	n.meshInbound(b, mesh.Istio, nil)
-	n.server(b, "b", appPort)
+	n, b, remote := newMeshedServer(t)
 	side := n.sidecar(b, mesh.Istio, "--reuseport")
-	remote := where{pod: r, uid: appUID, gid: appUID, cg: remoteCg}
 	for _, ip := range []netip.Addr{b.IPv4, b.IPv6} {
 		to := hostPort(ip, appPort)
 		seen, before := len(sidecarEvents(t, side)), n.counters()

@@ -8,11 +8,9 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"golang.org/x/sys/unix"
 
 	"github.com/meshlane/meshlane/daemon/datapath"
 	"github.com/meshlane/meshlane/daemon/mesh"
@@ -20,47 +18,12 @@ import (
 	"github.com/meshlane/meshlane/test/testenv"
 )
 
-// meshlaneConnect4 counts the meshlane connect4 programs a process in cg
-// runs: those attached to cg and to its ancestors.
-func meshlaneConnect4(t *testing.T, cg *testenv.Cgroup) int {
-	t.Helper()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: cg.FD(), Attach: ebpf.AttachCGroupInet4Connect, QueryFlags: unix.BPF_F_QUERY_EFFECTIVE})
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, p := range res.Programs {
-		prog, err := ebpf.NewProgramFromID(p.ID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		info, err := prog.Info()
-		prog.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.HasPrefix(info.Name, "meshlane_") {
-			n++
-		}
-	}
-	return n
-}
-
-// wantConnect4 waits (bounded) until processes in cg run want meshlane
-// connect4 programs: a link whose last pin is removed is released by a
-// kernel work item, a moment after the unlink returns.
+// wantConnect4 fails the test unless processes in cg come to run want
+// meshlane connect4 programs.
 func wantConnect4(t *testing.T, cg *testenv.Cgroup, want int, what string) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		got := meshlaneConnect4(t, cg)
-		if got == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: processes in %s run %d meshlane connect4 programs, want %d", what, cg.Path, got, want)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := cg.WaitMeshlanePrograms(want, ebpf.AttachCGroupInet4Connect); err != nil {
+		t.Fatalf("%s: %v", what, err)
 	}
 }
 

@@ -8,11 +8,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-	"golang.org/x/sys/unix"
 
 	"github.com/meshlane/meshlane/daemon/api"
 	"github.com/meshlane/meshlane/daemon/podns"
@@ -20,53 +17,15 @@ import (
 	"github.com/meshlane/meshlane/test/testenv"
 )
 
-// meshlanePrograms counts, per hook, the meshlane programs that processes in
-// cg run (attached to cg or an ancestor).
-func meshlanePrograms(t *testing.T, cg *testenv.Cgroup) map[ebpf.AttachType]int {
-	t.Helper()
-	out := map[ebpf.AttachType]int{}
-	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt} {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: cg.FD(), Attach: typ, QueryFlags: unix.BPF_F_QUERY_EFFECTIVE})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range res.Programs {
-			prog, err := ebpf.NewProgramFromID(p.ID)
-			if err != nil {
-				t.Fatal(err)
-			}
-			info, err := prog.Info()
-			prog.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if strings.HasPrefix(info.Name, "meshlane_") {
-				out[typ]++
-			}
-		}
-	}
-	return out
-}
+// cgroupHooks are the hooks TestPodCgroupScope counts programs on.
+var cgroupHooks = []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt}
 
-// waitPrograms waits (bounded) until processes in cg run want meshlane
-// programs on each hook: the kernel releases an unpinned link a moment
-// after the unlink returns.
+// waitPrograms fails the test unless processes in cg come to run want
+// meshlane programs on each hook.
 func waitPrograms(t *testing.T, cg *testenv.Cgroup, want int, what string) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		got := meshlanePrograms(t, cg)
-		ok := len(got) == 0 && want == 0 || len(got) == 4
-		for _, n := range got {
-			ok = ok && n == want
-		}
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: processes in %s run meshlane programs %v, want %d per hook", what, cg.Path, got, want)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := cg.WaitMeshlanePrograms(want, cgroupHooks...); err != nil {
+		t.Fatalf("%s: %v", what, err)
 	}
 }
 
