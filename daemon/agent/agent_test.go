@@ -3,6 +3,7 @@ package agent_test
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/netip"
 	"os"
@@ -439,6 +440,23 @@ func TestRestoreRefusedPod(t *testing.T) {
 	if got, want := stateIDs(t, stateDir), []string{"rr-plain"}; !slices.Equal(got, want) {
 		t.Fatalf("state files %v, want %v: the refused pod's file is still there", got, want)
 	}
+
+	// A datapath that takes deletes but refuses the pod: what a previous
+	// agent wrote for it is removed, not left half in force.
+	a2.Close()
+	refusing := newFakeMaps()
+	refusing.failUpsert = errors.New("datapath: pod has no cgroup")
+	stateDir2 := t.TempDir()
+	a3 := newAgent(t, opts{maps: newFakeMaps(), stateDir: stateDir2})
+	mustAdd(t, a3, meshed.ev)
+	a3.Close()
+	a4 := newAgent(t, opts{maps: refusing, stateDir: stateDir2})
+	if err := a4.Restore(); err != nil {
+		t.Fatal(err)
+	}
+	if ops := refusing.opLog(); !slices.Equal(ops, []string{fmt.Sprintf("delete %d", meshed.cookie(t))}) {
+		t.Fatalf("datapath calls %v, want the refused pod deleted", ops)
+	}
 }
 
 // copyDir copies the regular files of from into to, made if missing.
@@ -656,4 +674,27 @@ func TestPodCgroupScope(t *testing.T) {
 	if r := mustAdd(t, a, plain.ev); r.State != api.StateNotMeshed {
 		t.Errorf("pod without a sidecar and without cgroupPath: %s, want %s", r.State, api.StateNotMeshed)
 	}
+}
+
+// TestWaitingPodWithoutCgroupInPodScope: in pod scope, a pod the agent
+// waited for whose runtime passed no cgroupPath becomes "not meshed" with
+// the reason once its sidecar listens, instead of waiting for ever, and
+// nothing is written into the maps.
+func TestWaitingPodWithoutCgroupInPodScope(t *testing.T) {
+	maps, dir := newFakeMaps(), t.TempDir()
+	a := newAgent(t, opts{maps: maps, stateDir: dir,
+		cgroups: &podcgroup.Resolver{Mount: "/sys/fs/cgroup", Within: "/sys/fs/cgroup"}})
+	p := newPod(t, "wait-nocg", nil)
+	if r := mustAdd(t, a, p.ev); r.State != api.StateWaiting {
+		t.Fatalf("ADD without annotations: %s", r.State)
+	}
+	p.ns.Listen(t, "tcp4", "0.0.0.0:15001")
+	eventually(t, "pod not meshed", func() bool { return podState(a, p.ev.ContainerID) == api.StateNotMeshed })
+	if recs := a.Pods(); !strings.Contains(recs[0].Reason, "cgroupPath") {
+		t.Fatalf("reason %q does not name the missing cgroupPath", recs[0].Reason)
+	}
+	if c := maps.cookies(); len(c) != 0 {
+		t.Fatalf("maps hold %v", c)
+	}
+	eventually(t, "state file says not meshed", func() bool { return statePods(t, dir)[p.ev.ContainerID].State == api.StateNotMeshed })
 }

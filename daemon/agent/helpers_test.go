@@ -36,6 +36,8 @@ type fakeMaps struct {
 	ops       []string
 	upserts   int
 	failWrite error
+	// failUpsert fails UpsertPod only.
+	failUpsert error
 }
 
 func newFakeMaps() *fakeMaps { return &fakeMaps{pods: map[uint64]datapath.Pod{}} }
@@ -45,6 +47,9 @@ func (f *fakeMaps) UpsertPod(p datapath.Pod) error {
 	defer f.mu.Unlock()
 	if f.failWrite != nil {
 		return f.failWrite
+	}
+	if f.failUpsert != nil {
+		return f.failUpsert
 	}
 	f.pods[p.NetnsCookie] = p
 	f.upserts++

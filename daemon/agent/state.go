@@ -327,8 +327,14 @@ func (a *Agent) restoreOne(rec PodRecord) {
 			// the runtime retries it.
 			a.forget(e)
 			a.logStateErr(id, a.removePod(id))
-			a.log.Error("restore: pod refused: the datapath maps did not take it",
+			a.log.Error("restore: pod refused: the datapath did not take it",
 				zap.String("container_id", id), zap.String("pod", podName(rec.Event)), zap.Error(err))
+			// What a previous agent wrote for it goes too: half a pod
+			// (steered inbound, not redirected outbound) is worse than none.
+			if err := a.maps.DeletePod(*rec.Pod); err != nil {
+				a.log.Warn("restore: the refused pod's datapath entries could not be removed",
+					zap.String("container_id", id), zap.Error(err))
+			}
 			return
 		}
 	case api.StateWaiting:

@@ -99,12 +99,12 @@ func (a *Agent) promote(ctx context.Context, e *entry, d mesh.Decision) bool {
 	}
 	ips, err := parseIPs(e.rec.Event.IPs)
 	if err != nil {
-		a.log.Error("waiting pod has unparsable addresses; it cannot be meshed", zap.String("container_id", id), zap.Error(err))
+		a.cannotMesh(e, d, err, start)
 		return true
 	}
 	cg, err := a.podCgroup(e.rec.Event)
 	if err != nil {
-		a.log.Error("sidecar appeared but the pod cannot be meshed", zap.String("container_id", id), zap.Error(err))
+		a.cannotMesh(e, d, err, start)
 		return true
 	}
 	if err := prepareNetns(e.rec.Event.Netns, d.Profile, ips); err != nil {
@@ -128,4 +128,20 @@ func (a *Agent) promote(ctx context.Context, e *entry, d mesh.Decision) bool {
 	a.logStateErr(id, a.savePod(e.rec))
 	a.logPod(EventMeshed, "pod meshed", e.rec, start)
 	return true
+}
+
+// cannotMesh records a waiting pod whose sidecar appeared but which cannot
+// be meshed (what its ADD would have refused) as not meshed, with why, so
+// that meshlanectl shows it instead of a wait that never ends.
+func (a *Agent) cannotMesh(e *entry, d mesh.Decision, err error, start time.Time) {
+	a.update(e, func(r *PodRecord) {
+		r.State = api.StateNotMeshed
+		r.Reason = fmt.Sprintf("%s sidecar listener appeared on port %d, but the pod cannot be meshed: %v", d.Profile.Name, d.Profile.ReadyPort, err)
+	})
+	e.stopWatch()
+	e.stopWatch = nil
+	a.logStateErr(e.rec.Event.ContainerID, a.savePod(e.rec))
+	a.log.Error("sidecar appeared but the pod cannot be meshed", zap.String("container_id", e.rec.Event.ContainerID),
+		zap.String("pod", podName(e.rec.Event)), zap.Error(err))
+	a.logPod(EventAdded, "pod not meshed", e.rec, start)
 }
