@@ -82,6 +82,7 @@ func samplePods() []api.PodStatus {
 			Pod: &api.PodSettings{
 				NetnsCookie: 4097, IPs: []netip.Addr{netip.MustParseAddr("10.1.0.7"), netip.MustParseAddr("fd00::7")},
 				ProxyUID: 1337, ProxyGID: 1337, OutboundPort: 15001, InboundPort: 15006,
+				Cgroup:     "/sys/fs/cgroup/kubepods/pod1",
 				InboundAll: true, InboundExclude: []uint16{15020, 15021},
 				OutboundExcludePorts: []uint16{53}, OutboundAllCIDRs: true,
 				OutboundExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")},
@@ -222,6 +223,7 @@ func TestRenderPod(t *testing.T) {
 		"Netns:           /var/run/netns/web (cookie 4097)",
 		"Proxy:           uid 1337, gid 1337",
 		"Listeners:       outbound 15001, inbound 15006",
+		"Cgroup:          /sys/fs/cgroup/kubepods/pod1 (pod scope: the cgroup programs sit there)",
 		"Inbound ports:   all except 15020,15021",
 		"Outbound ports:  all except 53\n",
 		"Outbound CIDRs:  all except 10.96.0.0/12",

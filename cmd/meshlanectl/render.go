@@ -200,6 +200,9 @@ func renderPod(w io.Writer, p api.PodStatus) error {
 	if s := p.Pod; s != nil {
 		fmt.Fprintf(tw, "Proxy:\tuid %d, gid %d (their connections are never sent back to the sidecar)\n", s.ProxyUID, s.ProxyGID)
 		fmt.Fprintf(tw, "Listeners:\toutbound %d, inbound %d\n", s.OutboundPort, s.InboundPort)
+		if s.Cgroup != "" {
+			fmt.Fprintf(tw, "Cgroup:\t%s (pod scope: the cgroup programs sit there)\n", s.Cgroup)
+		}
 		fmt.Fprintf(tw, "Inbound ports:\t%s\n", describe(s.InboundAll, "all", s.InboundInclude, s.InboundExclude))
 		fmt.Fprintf(tw, "Outbound ports:\tall%s%s\n", except(s.OutboundExcludePorts), also(s.OutboundIncludePorts))
 		fmt.Fprintf(tw, "Outbound CIDRs:\t%s\n", describe(s.OutboundAllCIDRs, "all", s.OutboundIncludeCIDRs, s.OutboundExcludeCIDRs))
