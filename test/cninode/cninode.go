@@ -268,8 +268,10 @@ func (n *Node) StartAgent() error {
 	cmd := exec.Command(n.opts.Bin.Agent, append(args, n.opts.AgentArgs...)...)
 	cmd.Stdout, cmd.Stderr = n.opts.AgentLog, n.opts.AgentLog
 	// The agent must not be a pod process: keep it out of the test
-	// cgroup, and let it die with us.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// cgroup, and let it die with us. Its own process group keeps a
+	// terminal's Ctrl-C (sent to the whole foreground group) off it, so
+	// `make demo` can still DEL its pods through it before stopping it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start agent: %w", err)
 	}
