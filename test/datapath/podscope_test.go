@@ -2,6 +2,7 @@ package datapath_test
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"os"
 	"path/filepath"
@@ -211,4 +212,31 @@ func TestPodScope(t *testing.T) {
 			t.Fatalf("UpsertPod without a cgroup: %v, want an error naming cgroupPath", err)
 		}
 	})
+}
+
+// TestPodScopeShortCircuit: with the programs on the meshed pods' own
+// cgroups, the short-circuit still takes both ends of every hop between
+// two meshed pods (app <-> sidecar in each pod, sidecar <-> sidecar).
+func TestPodScopeShortCircuit(t *testing.T) {
+	const size = 1 << 20
+	prof := mesh.Istio
+	n := newNodeScope(t, true, datapath.InboundAuto, datapath.ScopePod)
+	a, b := n.pod("a"), n.pod("b")
+	n.meshInbound(a, prof, nil)
+	n.meshInbound(b, prof, nil)
+	n.sidecar(a, prof)
+	n.sidecar(b, prof)
+	n.server(b, "b", appPort)
+	before := n.counters()
+	res := n.client(app(a), hostPort(b.IPv4, appPort), "--bytes", fmt.Sprint(size))
+	if !res[0].Match || res[0].Bytes != size {
+		t.Fatalf("echo of %d bytes through both sidecars: %+v", size, res[0])
+	}
+	after := n.counters()
+	if moved := after["msg_redirected_bytes"] - before["msg_redirected_bytes"]; moved < 6*size {
+		t.Fatalf("sk_msg moved %d bytes, want at least %d (3 hops x 2 directions)", moved, 6*size)
+	}
+	if ins := after["sockhash_inserted"] - before["sockhash_inserted"]; ins != 6 {
+		t.Fatalf("sockhash inserts: %d, want 6 (both ends of 3 connections)", ins)
+	}
 }
