@@ -198,6 +198,7 @@ enum ml_counter {
 	ML_CNT_REDIRECT_INBOUND_REMOTE,
 	ML_CNT_REMOTE_NO_LISTENER,
 	ML_CNT_REMOTE_ASSIGN_FAILED,
+	ML_CNT_REMOTE_COOKIE_ACK_STEERED,
 	ML_CNT_MAX,
 };
 
@@ -1086,6 +1087,7 @@ int meshlane_getsockopt(struct bpf_sockopt *ctx)
  * steered (TC_ACT_OK: its fate is decided) or dropped. */
 
 #define TH_SYN 0x02
+#define TH_RST 0x04
 #define TH_ACK 0x10
 
 struct pkt {
@@ -1164,43 +1166,17 @@ static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb,
 	return bpf_skc_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
 }
 
-/* A SYN into the pod: the inbound rules decide, as for one from a host
- * process (decide_inbound). A redirected one goes to the inbound
- * listener; with none (the sidecar is not up) it is dropped, never let
- * through to the app around the sidecar, and the peer's retransmission
- * finds the listener once it is there. */
-static __always_inline int steer_syn(struct __sk_buff *skb, const struct pkt *p)
+/* Hands skb to the inbound listener (port) of the pod, or drops it when
+ * there is none (the sidecar is not up): never let through to the app
+ * around the sidecar; the peer's retransmission finds the listener once it
+ * is there. counter names what a success counts. */
+static __always_inline int to_listener(struct __sk_buff *skb,
+				       const struct pkt *p, __u16 port,
+				       __u32 counter)
 {
-	struct decision d = {};
-	struct ml_pod *pod = NULL;
-	struct bpf_sock *sk;
-	__u64 *netns;
+	struct bpf_sock *sk = lookup(skb, p, port, 1);
 	long err;
 
-	netns = bpf_map_lookup_elem(&meshlane_podips, &p->dst);
-	if (netns)
-		pod = bpf_map_lookup_elem(&meshlane_pods, netns);
-	if (!pod) {
-		count(ML_CNT_PASS_NOT_MESHED);
-		return TC_ACT_UNSPEC;
-	}
-	d.orig.addr = p->dst;
-	d.orig.port = p->dport;
-	/* To the inbound port already: a connect hook redirected it (or the
-	 * peer dialed it), and it was counted there. */
-	if (!steered(&d, *netns, pod, &p->src, 1))
-		return TC_ACT_UNSPEC;
-	/* A retransmitted SYN of a connection the listener already holds
-	 * (a request socket, or established) is the stack's to match. */
-	sk = lookup(skb, p, p->dport, 0);
-	if (sk) {
-		int held = sk->state != BPF_TCP_LISTEN;
-
-		bpf_sk_release(sk);
-		if (held)
-			return TC_ACT_UNSPEC;
-	}
-	sk = lookup(skb, p, d.new_port, 1);
 	if (sk && sk->state != BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
 		sk = NULL;
@@ -1215,8 +1191,63 @@ static __always_inline int steer_syn(struct __sk_buff *skb, const struct pkt *p)
 		count(ML_CNT_REMOTE_ASSIGN_FAILED);
 		return TC_ACT_SHOT;
 	}
-	count(ML_CNT_REDIRECT_INBOUND_REMOTE);
+	count(counter);
 	return TC_ACT_OK;
+}
+
+/* Whether the stack holds a connection for p (a request socket,
+ * established or TIME_WAIT), rather than only a listener or nothing. */
+static __always_inline int held(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_sock *sk = lookup(skb, p, p->dport, 0);
+	int h;
+
+	if (!sk)
+		return 0;
+	h = sk->state != BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return h;
+}
+
+/* A segment into the pod from outside it. A SYN to a redirected port goes
+ * to the inbound listener (the inbound rules decide, as for one from a
+ * host process: decide_inbound); so does a segment that finds no
+ * connection held for it: the last ACK of a handshake the listener
+ * answered with a SYN cookie (its queue was full), which would otherwise
+ * complete on the app's own listener, around the sidecar. Every other
+ * segment belongs to a connection the stack holds and is left to it. */
+static __always_inline int steer(struct __sk_buff *skb, const struct pkt *p,
+				 int syn)
+{
+	struct decision d = {};
+	struct ml_pod *pod = NULL;
+	__u64 *netns;
+
+	netns = bpf_map_lookup_elem(&meshlane_podips, &p->dst);
+	if (netns)
+		pod = bpf_map_lookup_elem(&meshlane_pods, netns);
+	if (!pod) {
+		if (syn)
+			count(ML_CNT_PASS_NOT_MESHED);
+		return TC_ACT_UNSPEC;
+	}
+	/* The inbound port already: a connect hook redirected it (or the
+	 * peer dialed it), and it was counted there. */
+	if (p->dport == pod->inbound_port)
+		return TC_ACT_UNSPEC;
+	if (!syn && held(skb, p))
+		return TC_ACT_UNSPEC;
+	d.orig.addr = p->dst;
+	d.orig.port = p->dport;
+	if (!steered(&d, *netns, pod, &p->src, syn))
+		return TC_ACT_UNSPEC;
+	if (!syn)
+		return to_listener(skb, p, d.new_port, ML_CNT_REMOTE_COOKIE_ACK_STEERED);
+	/* A retransmitted SYN of a connection the listener already holds
+	 * is the stack's to match. */
+	if (held(skb, p))
+		return TC_ACT_UNSPEC;
+	return to_listener(skb, p, d.new_port, ML_CNT_REDIRECT_INBOUND_REMOTE);
 }
 
 SEC("tc")
@@ -1224,7 +1255,11 @@ int meshlane_tc_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 
-	if (parse_tcp(skb, &p) || (p.flags & (TH_SYN | TH_ACK)) != TH_SYN)
+	if (parse_tcp(skb, &p) || (p.flags & TH_RST))
 		return TC_ACT_UNSPEC;
-	return steer_syn(skb, &p);
+	if ((p.flags & (TH_SYN | TH_ACK)) == TH_SYN)
+		return steer(skb, &p, 1);
+	if ((p.flags & (TH_SYN | TH_ACK)) == TH_ACK)
+		return steer(skb, &p, 0);
+	return TC_ACT_UNSPEC;
 }

@@ -66,7 +66,8 @@ const (
 	MeshlaneMlCounterML_CNT_REDIRECT_INBOUND_REMOTE    MeshlaneMlCounter = 27
 	MeshlaneMlCounterML_CNT_REMOTE_NO_LISTENER         MeshlaneMlCounter = 28
 	MeshlaneMlCounterML_CNT_REMOTE_ASSIGN_FAILED       MeshlaneMlCounter = 29
-	MeshlaneMlCounterML_CNT_MAX                        MeshlaneMlCounter = 30
+	MeshlaneMlCounterML_CNT_REMOTE_COOKIE_ACK_STEERED  MeshlaneMlCounter = 30
+	MeshlaneMlCounterML_CNT_MAX                        MeshlaneMlCounter = 31
 )
 
 type MeshlaneMlOrigdst struct {

@@ -33,7 +33,7 @@ const DefaultBPFFS = "/sys/fs/bpf/meshlane"
 // connection once it is established; version 3's connections from other
 // nodes, which tc rewrote packet by packet, are the exception (see
 // legacyEgress).
-const LayoutVersion = 4
+const LayoutVersion = 5
 
 // Options configure Load.
 type Options struct {

@@ -401,3 +401,25 @@ func TestInboundReuseportListener(t *testing.T) {
 		}
 	}
 }
+
+// TestInboundSyncookies: when the sidecar's listener answers with a SYN
+// cookie (its queue full, or tcp_syncookies=2 as here, for every
+// connection), the handshake's last ACK finds no request socket, and the
+// stack would complete it on the app's own listener, around the sidecar.
+// tc hands that ACK to the sidecar's listener too.
+func TestInboundSyncookies(t *testing.T) {
+	n, b, remote := newMeshedServer(t)
+	setSysctls(t, b, map[string]string{"net/ipv4/tcp_syncookies": "2"})
+	side := n.sidecar(b, mesh.Istio)
+	for _, ip := range []netip.Addr{b.IPv4, b.IPv6} {
+		to := hostPort(ip, appPort)
+		seen := len(sidecarEvents(t, side))
+		r := parseReply(t, n.client(remote, to)[0].Reply)
+		if ev := newEvents(t, side, seen); len(ev) != 1 || ev[0].OrigDst != to {
+			t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
+		}
+		if !r.Remote.Addr().IsLoopback() && r.Remote.Addr() != netip.MustParseAddr("::6") {
+			t.Fatalf("the app saw %s: reached directly, not through the sidecar", r.Remote)
+		}
+	}
+}
