@@ -841,8 +841,7 @@ static __always_inline int steered(struct decision *d, __u64 netns,
 	remote_netns = bpf_map_lookup_elem(&meshlane_podips, remote);
 	if (remote_netns && *remote_netns == netns)
 		return 0;
-	return d->orig.port != pod->inbound_port &&
-	       decide_inbound_n(d, netns, pod, counted) == V_INBOUND;
+	return decide_inbound_n(d, netns, pod, counted) == V_INBOUND;
 }
 
 /* Listener side of a connection tc steered from outside the pod: the
@@ -1235,19 +1234,17 @@ static __always_inline int steer(struct __sk_buff *skb, const struct pkt *p,
 	 * peer dialed it), and it was counted there. */
 	if (p->dport == pod->inbound_port)
 		return TC_ACT_UNSPEC;
-	if (!syn && held(skb, p))
-		return TC_ACT_UNSPEC;
 	d.orig.addr = p->dst;
 	d.orig.port = p->dport;
 	if (!steered(&d, *netns, pod, &p->src, syn))
 		return TC_ACT_UNSPEC;
-	if (!syn)
-		return to_listener(skb, p, d.new_port, ML_CNT_REMOTE_COOKIE_ACK_STEERED);
-	/* A retransmitted SYN of a connection the listener already holds
-	 * is the stack's to match. */
+	/* A segment of a connection the stack holds (a retransmitted SYN
+	 * included) is the stack's to match. */
 	if (held(skb, p))
 		return TC_ACT_UNSPEC;
-	return to_listener(skb, p, d.new_port, ML_CNT_REDIRECT_INBOUND_REMOTE);
+	return to_listener(skb, p, d.new_port,
+			   syn ? ML_CNT_REDIRECT_INBOUND_REMOTE :
+				 ML_CNT_REMOTE_COOKIE_ACK_STEERED);
 }
 
 SEC("tc")

@@ -414,7 +414,7 @@ func (d *Datapath) Close() error {
 // every pin, then closes. Connections already redirected keep working; new
 // ones take the normal path.
 func (d *Datapath) Uninstall() error {
-	links, errs := pinnedPodCgroupLinks(d.opts.BPFFS)
+	links, errs := loadPinnedLinks(filepath.Join(podCgroupRoot(d.opts.BPFFS), "*", "*"))
 	for name, l := range d.links {
 		links[filepath.Join(d.opts.linksDir(), name)] = l
 	}
@@ -500,11 +500,6 @@ func RemovePins(bpffs string) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-// pinnedPodCgroupLinks opens the pod-scope cgroup links pinned under bpffs.
-func pinnedPodCgroupLinks(bpffs string) (map[string]link.Link, []error) {
-	return loadPinnedLinks(filepath.Join(podCgroupRoot(bpffs), "*", "*"))
 }
 
 // loadPinnedLinks opens the links pinned at the paths the patterns match,

@@ -59,23 +59,16 @@ func (o Options) inboundDir(cookie uint64) string {
 	return filepath.Join(inboundRoot(o.BPFFS), strconv.FormatUint(cookie, 10))
 }
 
-type hook struct {
-	name string // pin file name
-	prog *ebpf.Program
-	tcx  ebpf.AttachType
-	// parent is the clsact side of the classic filter.
-	parent uint32
-}
-
-func (d *Datapath) hooks() []hook {
-	return []hook{
-		{"ingress", d.objs.MeshlaneTcIngress, ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS},
-	}
-}
+// ingressPin is the pin file name of a pod's tcx link, and ingressFilter
+// the name of its classic filter.
+const (
+	ingressPin    = "ingress"
+	ingressFilter = "meshlane_ingress"
+)
 
 // attachInbound puts the tc program on the pod's interface, or swaps this
 // datapath's program into the one already there (restart, upgrade).
-// Without them a connection from another node reaches the app's port and
+// Without it a connection from another node reaches the app's port and
 // skips the sidecar.
 func (d *Datapath) attachInbound(p Pod) error {
 	if p.Interface.Name == "" {
@@ -120,30 +113,22 @@ func (d *Datapath) attachTCX(p Pod) error {
 	if err := os.Remove(filepath.Join(dir, legacyEgress)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("datapath: remove the layout 3 egress hook of pod %d: %w", p.NetnsCookie, err)
 	}
-	var missing []hook
-	for _, h := range d.hooks() {
-		pin := filepath.Join(dir, h.name)
-		l, err := link.LoadPinnedLink(pin, nil)
-		if errors.Is(err, os.ErrNotExist) {
-			missing = append(missing, h)
-			continue
+	pin := filepath.Join(dir, ingressPin)
+	l, err := link.LoadPinnedLink(pin, nil)
+	switch {
+	case err == nil:
+		if l.Update(d.objs.MeshlaneTcIngress) == nil {
+			return l.Close()
 		}
-		if err != nil {
-			return fmt.Errorf("datapath: open pinned %s hook of pod %d at %s: %w (remove it to re-attach)", h.name, p.NetnsCookie, pin, err)
-		}
-		if err := l.Update(h.prog); err != nil {
-			// The interface went away under the link: attach anew, which
-			// fails clearly if the netns is gone too.
-			if err := l.Unpin(); err != nil {
-				l.Close()
-				return fmt.Errorf("datapath: unpin defunct %s hook of pod %d: %w", h.name, p.NetnsCookie, err)
-			}
-			missing = append(missing, h)
-		}
+		// The interface went away under the link: attach anew, which
+		// fails clearly if the netns is gone too.
+		err = l.Unpin()
 		l.Close()
-	}
-	if len(missing) == 0 {
-		return nil
+		if err != nil {
+			return fmt.Errorf("datapath: unpin defunct tcx hook of pod %d: %w", p.NetnsCookie, err)
+		}
+	case !errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("datapath: open pinned tcx hook of pod %d at %s: %w (remove it to re-attach)", p.NetnsCookie, pin, err)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("datapath: create pin directory %s: %w", dir, err)
@@ -152,19 +137,17 @@ func (d *Datapath) attachTCX(p Pod) error {
 	// kernel swaps the device's program array, then synchronize_rcu()):
 	// about 12 ms on a 2-vCPU VM, added to a meshed pod's ADD. Classic tc
 	// filters attach in 0.3 ms (docs/benchmarks.md, control path).
-	err := inNetns(p.Interface, func(ifindex int) error {
-		for _, h := range missing {
-			l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: h.prog, Attach: h.tcx})
-			if err != nil {
-				return fmt.Errorf("datapath: attach tcx %s to %s: %w", h.name, p.Interface.Name, err)
-			}
-			err = l.Pin(filepath.Join(dir, h.name))
-			if cerr := l.Close(); err == nil {
-				err = cerr
-			}
-			if err != nil {
-				return fmt.Errorf("datapath: pin tcx %s hook of pod %d: %w", h.name, p.NetnsCookie, err)
-			}
+	err = inNetns(p.Interface, func(ifindex int) error {
+		l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: d.objs.MeshlaneTcIngress, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return fmt.Errorf("datapath: attach tcx ingress to %s: %w", p.Interface.Name, err)
+		}
+		err = l.Pin(pin)
+		if cerr := l.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("datapath: pin tcx hook of pod %d: %w", p.NetnsCookie, err)
 		}
 		return nil
 	})
@@ -242,12 +225,10 @@ func (d *Datapath) attachTC(p Pod) error {
 	if err := h.QdiscReplace(qdisc); err != nil {
 		return fmt.Errorf("datapath: add clsact qdisc on %s: %w", p.Interface.Name, err)
 	}
-	for _, hk := range d.hooks() {
-		f := tcFilter(idx, hk.parent)
-		f.Fd, f.Name, f.DirectAction = hk.prog.FD(), "meshlane_"+hk.name, true
-		if err := h.FilterReplace(f); err != nil {
-			return fmt.Errorf("datapath: add tc %s filter on %s: %w", hk.name, p.Interface.Name, err)
-		}
+	f := tcFilter(idx, netlink.HANDLE_MIN_INGRESS)
+	f.Fd, f.Name, f.DirectAction = d.objs.MeshlaneTcIngress.FD(), ingressFilter, true
+	if err := h.FilterReplace(f); err != nil {
+		return fmt.Errorf("datapath: add tc ingress filter on %s: %w", p.Interface.Name, err)
 	}
 	if err := h.FilterDel(tcFilter(idx, legacyEgressParent)); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("datapath: remove the layout 3 tc egress filter on %s: %w", p.Interface.Name, err)
@@ -279,7 +260,7 @@ func (d *Datapath) removeTCFilters(h *netlink.Handle, ifindex int, ifname string
 
 // detachInbound removes the pod's tc program: its pinned tcx link (the
 // kernel detaches a link once its last pin and handle are gone) or its
-// classic filters while the interface still exists. A pod whose netns is
+// classic filter while the interface still exists. A pod whose netns is
 // gone has lost its interface and its hooks with it.
 func (d *Datapath) detachInbound(p Pod) error {
 	err := os.RemoveAll(d.opts.inboundDir(p.NetnsCookie))
@@ -436,20 +417,17 @@ func (d *Datapath) InboundHooks(p Pod) error {
 	if d.inbound == InboundTC {
 		return d.tcFiltersPresent(p)
 	}
-	for _, h := range d.hooks() {
-		pin := filepath.Join(d.opts.inboundDir(p.NetnsCookie), h.name)
-		l, err := link.LoadPinnedLink(pin, nil)
-		if err != nil {
-			return fmt.Errorf("tcx %s link of %s: %w", h.name, p.Interface.Name, err)
-		}
-		info, err := l.Info()
-		l.Close()
-		if err != nil {
-			return fmt.Errorf("tcx %s link of %s: %w", h.name, p.Interface.Name, err)
-		}
-		if tcx := info.TCX(); tcx == nil || tcx.Ifindex == 0 {
-			return fmt.Errorf("tcx %s link of %s is pinned but attached to no interface", h.name, p.Interface.Name)
-		}
+	l, err := link.LoadPinnedLink(filepath.Join(d.opts.inboundDir(p.NetnsCookie), ingressPin), nil)
+	if err != nil {
+		return fmt.Errorf("tcx ingress link of %s: %w", p.Interface.Name, err)
+	}
+	info, err := l.Info()
+	l.Close()
+	if err != nil {
+		return fmt.Errorf("tcx ingress link of %s: %w", p.Interface.Name, err)
+	}
+	if tcx := info.TCX(); tcx == nil || tcx.Ifindex == 0 {
+		return fmt.Errorf("tcx ingress link of %s is pinned but attached to no interface", p.Interface.Name)
 	}
 	return nil
 }
@@ -464,17 +442,15 @@ func (d *Datapath) tcFiltersPresent(p Pod) error {
 		return err
 	}
 	defer h.Close()
-	for _, hk := range d.hooks() {
-		filters, err := h.FilterList(l, hk.parent)
-		if err != nil {
-			return fmt.Errorf("tc %s filters of %s: %w", hk.name, p.Interface.Name, err)
-		}
-		if !slices.ContainsFunc(filters, func(f netlink.Filter) bool {
-			bf, ok := f.(*netlink.BpfFilter)
-			return ok && bf.Priority == tcFilterPrio && usesMap(bf.Id, id)
-		}) {
-			return fmt.Errorf("no meshlane tc %s filter on %s", hk.name, p.Interface.Name)
-		}
+	filters, err := h.FilterList(l, netlink.HANDLE_MIN_INGRESS)
+	if err != nil {
+		return fmt.Errorf("tc ingress filters of %s: %w", p.Interface.Name, err)
+	}
+	if !slices.ContainsFunc(filters, func(f netlink.Filter) bool {
+		bf, ok := f.(*netlink.BpfFilter)
+		return ok && bf.Priority == tcFilterPrio && usesMap(bf.Id, id)
+	}) {
+		return fmt.Errorf("no meshlane tc ingress filter on %s", p.Interface.Name)
 	}
 	return nil
 }

@@ -101,8 +101,9 @@ func datapathPrograms(linksDir string) (map[string]*ebpf.Program, error) {
 
 // tcPrograms opens the tc program on a meshed pod's eth0, keyed
 // "tc-ingress": every meshed pod runs the same one, on every packet it
-// receives, so its run time belongs with the datapath's. tcx hooks are found through the links the datapath pins per
-// pod, classic filters through netlink in the pod's namespace.
+// receives, so its run time belongs with the datapath's. tcx hooks are
+// found through the links the datapath pins per pod, classic filters
+// through netlink in the pod's namespace.
 func tcPrograms(bpffs string, pod *testenv.Pod) (map[string]*ebpf.Program, error) {
 	ids := map[string]ebpf.ProgramID{}
 	pins, err := filepath.Glob(filepath.Join(bpffs, "inbound", "*", "*"))
@@ -123,15 +124,13 @@ func tcPrograms(bpffs string, pod *testenv.Pod) (map[string]*ebpf.Program, error
 			if err != nil {
 				return err
 			}
-			for name, parent := range map[string]uint32{"tc-ingress": netlink.HANDLE_MIN_INGRESS} {
-				filters, err := netlink.FilterList(eth, parent)
-				if err != nil {
-					return fmt.Errorf("list %s filters: %w", name, err)
-				}
-				for _, f := range filters {
-					if bf, ok := f.(*netlink.BpfFilter); ok && bf.Id != 0 {
-						ids[name] = ebpf.ProgramID(bf.Id)
-					}
+			filters, err := netlink.FilterList(eth, netlink.HANDLE_MIN_INGRESS)
+			if err != nil {
+				return fmt.Errorf("list ingress filters: %w", err)
+			}
+			for _, f := range filters {
+				if bf, ok := f.(*netlink.BpfFilter); ok && bf.Id != 0 {
+					ids["tc-ingress"] = ebpf.ProgramID(bf.Id)
 				}
 			}
 			return nil
