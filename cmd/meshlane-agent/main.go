@@ -158,6 +158,12 @@ func run(o options, log *zap.Logger) error {
 	if err != nil {
 		return fmt.Errorf("--profile: %w", err)
 	}
+	if o.cgroup == "" {
+		o.cgroup, err = cgroup2Root("/proc/self/mountinfo")
+		if err != nil {
+			return err
+		}
+	}
 	var pods *podcgroup.Resolver
 	switch o.cgroupScope {
 	case datapath.ScopeNode:
@@ -167,12 +173,6 @@ func run(o options, log *zap.Logger) error {
 		}
 	default:
 		return fmt.Errorf("--cgroup-scope %q: want %s or %s", o.cgroupScope, datapath.ScopeNode, datapath.ScopePod)
-	}
-	if o.cgroup == "" {
-		o.cgroup, err = cgroup2Root("/proc/self/mountinfo")
-		if err != nil {
-			return err
-		}
 	}
 
 	// Loaded detached: the pods are restored into the maps before the
@@ -336,15 +336,10 @@ func (p *probeServer) shutdown(ctx context.Context) {
 	}
 }
 
-// podCgroups resolves pods' cgroupPath in pod scope: against the cgroup2
-// mount that holds within (the DaemonSet's --cgroup=/host/sys/fs/cgroup is
-// the host's whole hierarchy, as runtimes name it), or the first cgroup2
-// mount when within is "".
+// podCgroups resolves pods' cgroupPath in pod scope against the cgroup2
+// mount that holds within, the agent's --cgroup (the DaemonSet's
+// /host/sys/fs/cgroup is the host's whole hierarchy, as runtimes name it).
 func podCgroups(mountinfoPath, within string) (*podcgroup.Resolver, error) {
-	if within == "" {
-		mount, err := cgroup2Root(mountinfoPath)
-		return &podcgroup.Resolver{Mount: mount, Within: mount}, err
-	}
 	mount, err := mountinfo.Containing(mountinfoPath, "cgroup2", within)
 	if err != nil {
 		return nil, fmt.Errorf("find the cgroup2 mount of --cgroup %s: %w", within, err)

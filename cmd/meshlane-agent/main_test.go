@@ -97,7 +97,8 @@ func TestPodCgroups(t *testing.T) {
 	if r, err = podCgroups(p, "/sys/fs/cgroup/kubepods.slice"); err != nil || r.Mount != "/sys/fs/cgroup" || r.Within != "/sys/fs/cgroup/kubepods.slice" {
 		t.Fatalf("subtree: %+v, %v", r, err)
 	}
-	if r, err = podCgroups(p, ""); err != nil || r.Mount != "/sys/fs/cgroup" || r.Within != "/sys/fs/cgroup" {
+	// The default --cgroup, the first cgroup2 mount.
+	if r, err = podCgroups(p, "/sys/fs/cgroup"); err != nil || r.Mount != "/sys/fs/cgroup" || r.Within != "/sys/fs/cgroup" {
 		t.Fatalf("default: %+v, %v", r, err)
 	}
 	if _, err := podCgroups(p, "/srv/cgroup"); err == nil || !strings.Contains(err.Error(), "no cgroup2 mount") {

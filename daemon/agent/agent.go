@@ -394,7 +394,7 @@ func (a *Agent) podCgroup(ev api.PodEvent) (string, error) {
 	return dir, nil
 }
 
-// podInterface is where a meshed pod's tc program go: the interface the
+// podInterface is where a meshed pod's tc program goes: the interface the
 // CNI plugin reported, in the pod's netns.
 func podInterface(ev api.PodEvent) datapath.PodInterface {
 	return datapath.PodInterface{Netns: ev.Netns, Name: ev.IfName}

@@ -158,8 +158,9 @@ type ABResult struct {
 // costs a connect+close, the kernel's dispatch to them included, which no
 // BPF run-time figure counts. Run as root in the tax cgroup, which nothing
 // else attaches to, it attaches the programs behind the datapath's pinned
-// links to that cgroup itself, then alternates slices with and without
-// them, in this one process: a wall-clock comparison between separate runs
+// links to --cgroup itself (its own cgroup: node scope; a sibling: pod
+// scope, seen from a pod that is not meshed), then alternates slices with
+// and without them, in this one process: a wall-clock comparison between separate runs
 // drowns a tax of a few per cent in a shared machine's noise, pairs of
 // neighbouring slices (their order alternating) do not.
 func runConnectAB(args []string) error {
