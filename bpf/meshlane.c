@@ -22,12 +22,21 @@
  *   cgroup/getsockopt          answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST
  *                              from the accepted socket's storage.
  *   sk_msg                     hands bytes straight to the peer socket.
- *   tc ingress, egress         on a meshed pod's interface, inside its netns:
- *                              a connection from outside the node (no
- *                              connect hook saw it) to a redirected port
- *                              goes to the inbound listener, its replies get
- *                              the port back; sockops adopts and ends the
- *                              per-connection record.
+ *   tc ingress                 on a meshed pod's interface, inside its
+ *                              netns: a connection from outside the pod (no
+ *                              connect hook saw it) to a redirected port is
+ *                              handed to the inbound listener
+ *                              (bpf_sk_assign); the accepted socket keeps
+ *                              the dialed address, which sockops records as
+ *                              the original destination.
+ *   sk_lookup                  the same hand-over, attached to the pod's
+ *                              network namespace instead of its interface
+ *                              (--inbound-hooks sk_lookup): the kernel asks
+ *                              it for a listener, and it answers from
+ *                              meshlane_listeners, where sockops registers
+ *                              the sidecar's inbound listener at listen()
+ *                              (and the agent's iterator, listeners.c, the
+ *                              ones already open).
  *
  * Pod identity is the socket's network namespace cookie, which the agent
  * maps to the pod from the netns the CNI plugin reported: exact from the
@@ -63,6 +72,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Set by the loader before load. */
 volatile const __u32 page_size = 4096;
 volatile const __u8 enable_sockmap = 0;
+/* Set with --inbound-hooks sk_lookup: sockops registers inbound listeners
+ * in meshlane_listeners; other modes leave listeners alone. */
+volatile const __u8 register_listeners = 0;
 
 /* One address, 16 bytes in network order. */
 struct ml_addr {
@@ -166,6 +178,16 @@ struct ml_tuple {
 	__u32 _pad;
 };
 
+/* Key of meshlane_listeners: a meshed pod's inbound listener, by the
+ * pod's netns cookie, the port and the socket's family (an AF_INET6
+ * listener that is not v6only takes IPv4 connections too). */
+struct ml_listener_key {
+	__u64 netns;
+	__u16 port;
+	__u16 family;
+	__u32 _pad;
+};
+
 /* Decision counters, one slot each in meshlane_counters. */
 enum ml_counter {
 	ML_CNT_REDIRECT_OUTBOUND = 0,
@@ -199,6 +221,8 @@ enum ml_counter {
 	ML_CNT_REMOTE_NO_LISTENER,
 	ML_CNT_REMOTE_ASSIGN_FAILED,
 	ML_CNT_REMOTE_COOKIE_ACK_STEERED,
+	ML_CNT_LISTENER_REGISTERED,
+	ML_CNT_LISTENER_REGISTER_FAILED,
 	ML_CNT_MAX,
 };
 
@@ -258,6 +282,15 @@ struct {
 	__type(key, struct ml_tuple);
 	__type(value, __u64);
 } meshlane_sockh SEC(".maps");
+
+/* The inbound listeners sk_lookup hands connections to. A closed socket
+ * leaves the map on its own. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 32768);
+	__type(key, struct ml_listener_key);
+	__type(value, __u64);
+} meshlane_listeners SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -938,6 +971,27 @@ static __always_inline void accelerate(struct bpf_sock_ops *skops)
 		count(ML_CNT_SOCKHASH_INSERTED);
 }
 
+/* A meshed pod's sidecar opens its inbound listener: register it for
+ * sk_lookup. A socket the kernel cannot put in a sockhash (MPTCP) is
+ * counted: sk_lookup then finds no listener and drops connections from
+ * outside the pod rather than let them reach the app. */
+static __always_inline void register_listener(struct bpf_sock_ops *skops)
+{
+	struct ml_listener_key k = {};
+	struct ml_pod *pod;
+
+	k.netns = bpf_get_netns_cookie(skops);
+	pod = bpf_map_lookup_elem(&meshlane_pods, &k.netns);
+	if (!pod || skops->local_port != pod->inbound_port)
+		return;
+	k.port = pod->inbound_port;
+	k.family = (__u16)skops->family;
+	if (bpf_sock_hash_update(skops, &meshlane_listeners, &k, BPF_ANY))
+		count(ML_CNT_LISTENER_REGISTER_FAILED);
+	else
+		count(ML_CNT_LISTENER_REGISTERED);
+}
+
 SEC("sockops")
 int meshlane_sockops(struct bpf_sock_ops *skops)
 {
@@ -960,6 +1014,10 @@ int meshlane_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		if (enable_sockmap)
 			accelerate(skops);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		if (register_listeners)
+			register_listener(skops);
 		break;
 	}
 	return 1;
@@ -1259,4 +1317,71 @@ int meshlane_tc_ingress(struct __sk_buff *skb)
 	if ((p.flags & (TH_SYN | TH_ACK)) == TH_ACK)
 		return steer(skb, &p, 0);
 	return TC_ACT_UNSPEC;
+}
+
+/* sk_lookup: the kernel asks, for a segment that matched no connection in
+ * the pod's network namespace (a SYN, or the last ACK of a SYN-cookie
+ * handshake), which listener takes it. Same rules as tc's steer(), with no
+ * packet to parse and no held() check: the kernel only asks once it found
+ * no connection. The listener comes from meshlane_listeners (sk_lookup
+ * programs cannot look sockets up by address). */
+static __always_inline struct bpf_sock *
+inbound_listener(__u64 netns, __u16 port, __u32 family)
+{
+	struct ml_listener_key k = {.netns = netns, .port = port};
+	struct bpf_sock *sk;
+
+	k.family = (__u16)family;
+	sk = bpf_map_lookup_elem(&meshlane_listeners, &k);
+	if (!sk && family == AF_INET) {
+		/* A dual-stack [::] listener takes IPv4 too. */
+		k.family = AF_INET6;
+		sk = bpf_map_lookup_elem(&meshlane_listeners, &k);
+	}
+	return sk;
+}
+
+SEC("sk_lookup")
+int meshlane_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct ml_addr local = {}, remote = {};
+	struct decision d = {};
+	struct ml_pod *pod = NULL;
+	struct bpf_sock *sk;
+	__u64 *netns;
+	long err;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->family == AF_INET) {
+		addr_v4(&local, ctx->local_ip4);
+		addr_v4(&remote, ctx->remote_ip4);
+	} else {
+		__builtin_memcpy(&local, ctx->local_ip6, sizeof(local));
+		__builtin_memcpy(&remote, ctx->remote_ip6, sizeof(remote));
+	}
+	netns = bpf_map_lookup_elem(&meshlane_podips, &local);
+	if (netns)
+		pod = bpf_map_lookup_elem(&meshlane_pods, netns);
+	if (!pod)
+		return SK_PASS;
+	if (ctx->local_port == pod->inbound_port)
+		return SK_PASS;
+	d.orig.addr = local;
+	d.orig.port = (__u16)ctx->local_port;
+	if (!steered(&d, *netns, pod, &remote, 1))
+		return SK_PASS;
+	sk = inbound_listener(*netns, d.new_port, ctx->family);
+	if (!sk) {
+		count(ML_CNT_REMOTE_NO_LISTENER);
+		return SK_DROP;
+	}
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		count(ML_CNT_REMOTE_ASSIGN_FAILED);
+		return SK_DROP;
+	}
+	count(ML_CNT_REDIRECT_INBOUND_REMOTE);
+	return SK_PASS;
 }

@@ -67,8 +67,18 @@ const (
 	MeshlaneMlCounterML_CNT_REMOTE_NO_LISTENER         MeshlaneMlCounter = 28
 	MeshlaneMlCounterML_CNT_REMOTE_ASSIGN_FAILED       MeshlaneMlCounter = 29
 	MeshlaneMlCounterML_CNT_REMOTE_COOKIE_ACK_STEERED  MeshlaneMlCounter = 30
-	MeshlaneMlCounterML_CNT_MAX                        MeshlaneMlCounter = 31
+	MeshlaneMlCounterML_CNT_LISTENER_REGISTERED        MeshlaneMlCounter = 31
+	MeshlaneMlCounterML_CNT_LISTENER_REGISTER_FAILED   MeshlaneMlCounter = 32
+	MeshlaneMlCounterML_CNT_MAX                        MeshlaneMlCounter = 33
 )
+
+type MeshlaneMlListenerKey struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Port   uint16
+	Family uint16
+	Pad    uint32
+}
 
 type MeshlaneMlOrigdst struct {
 	_             structs.HostLayout
@@ -150,6 +160,7 @@ type MeshlaneMlTuple struct {
 const (
 	MeshlaneMapMeshlaneCidrs       = "meshlane_cidrs"
 	MeshlaneMapMeshlaneCnt         = "meshlane_cnt"
+	MeshlaneMapMeshlaneListeners   = "meshlane_listeners"
 	MeshlaneMapMeshlaneOrigdst     = "meshlane_origdst"
 	MeshlaneMapMeshlanePodips      = "meshlane_podips"
 	MeshlaneMapMeshlanePods        = "meshlane_pods"
@@ -163,12 +174,14 @@ const (
 	MeshlaneProgMeshlaneRecvmsg6   = "meshlane_recvmsg6"
 	MeshlaneProgMeshlaneSendmsg4   = "meshlane_sendmsg4"
 	MeshlaneProgMeshlaneSendmsg6   = "meshlane_sendmsg6"
+	MeshlaneProgMeshlaneSkLookup   = "meshlane_sk_lookup"
 	MeshlaneProgMeshlaneSkMsg      = "meshlane_sk_msg"
 	MeshlaneProgMeshlaneSockops    = "meshlane_sockops"
 	MeshlaneProgMeshlaneTcIngress  = "meshlane_tc_ingress"
 	MeshlaneVarEnableSockmap       = "enable_sockmap"
 	MeshlaneVarMlBtfEnums          = "ml_btf_enums"
 	MeshlaneVarPageSize            = "page_size"
+	MeshlaneVarRegisterListeners   = "register_listeners"
 )
 
 // LoadMeshlane returns the embedded CollectionSpec for Meshlane.
@@ -220,6 +233,7 @@ type MeshlaneProgramSpecs struct {
 	MeshlaneRecvmsg6   *ebpf.ProgramSpec `ebpf:"meshlane_recvmsg6"`
 	MeshlaneSendmsg4   *ebpf.ProgramSpec `ebpf:"meshlane_sendmsg4"`
 	MeshlaneSendmsg6   *ebpf.ProgramSpec `ebpf:"meshlane_sendmsg6"`
+	MeshlaneSkLookup   *ebpf.ProgramSpec `ebpf:"meshlane_sk_lookup"`
 	MeshlaneSkMsg      *ebpf.ProgramSpec `ebpf:"meshlane_sk_msg"`
 	MeshlaneSockops    *ebpf.ProgramSpec `ebpf:"meshlane_sockops"`
 	MeshlaneTcIngress  *ebpf.ProgramSpec `ebpf:"meshlane_tc_ingress"`
@@ -229,23 +243,25 @@ type MeshlaneProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MeshlaneMapSpecs struct {
-	MeshlaneCidrs   *ebpf.MapSpec `ebpf:"meshlane_cidrs"`
-	MeshlaneCnt     *ebpf.MapSpec `ebpf:"meshlane_cnt"`
-	MeshlaneOrigdst *ebpf.MapSpec `ebpf:"meshlane_origdst"`
-	MeshlanePodips  *ebpf.MapSpec `ebpf:"meshlane_podips"`
-	MeshlanePods    *ebpf.MapSpec `ebpf:"meshlane_pods"`
-	MeshlanePorts   *ebpf.MapSpec `ebpf:"meshlane_ports"`
-	MeshlaneSks     *ebpf.MapSpec `ebpf:"meshlane_sks"`
-	MeshlaneSockh   *ebpf.MapSpec `ebpf:"meshlane_sockh"`
+	MeshlaneCidrs     *ebpf.MapSpec `ebpf:"meshlane_cidrs"`
+	MeshlaneCnt       *ebpf.MapSpec `ebpf:"meshlane_cnt"`
+	MeshlaneListeners *ebpf.MapSpec `ebpf:"meshlane_listeners"`
+	MeshlaneOrigdst   *ebpf.MapSpec `ebpf:"meshlane_origdst"`
+	MeshlanePodips    *ebpf.MapSpec `ebpf:"meshlane_podips"`
+	MeshlanePods      *ebpf.MapSpec `ebpf:"meshlane_pods"`
+	MeshlanePorts     *ebpf.MapSpec `ebpf:"meshlane_ports"`
+	MeshlaneSks       *ebpf.MapSpec `ebpf:"meshlane_sks"`
+	MeshlaneSockh     *ebpf.MapSpec `ebpf:"meshlane_sockh"`
 }
 
 // MeshlaneVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MeshlaneVariableSpecs struct {
-	EnableSockmap *ebpf.VariableSpec `ebpf:"enable_sockmap"`
-	MlBtfEnums    *ebpf.VariableSpec `ebpf:"ml_btf_enums"`
-	PageSize      *ebpf.VariableSpec `ebpf:"page_size"`
+	EnableSockmap     *ebpf.VariableSpec `ebpf:"enable_sockmap"`
+	MlBtfEnums        *ebpf.VariableSpec `ebpf:"ml_btf_enums"`
+	PageSize          *ebpf.VariableSpec `ebpf:"page_size"`
+	RegisterListeners *ebpf.VariableSpec `ebpf:"register_listeners"`
 }
 
 // MeshlaneObjects contains all objects after they have been loaded into the kernel.
@@ -268,20 +284,22 @@ func (o *MeshlaneObjects) Close() error {
 //
 // It can be passed to LoadMeshlaneObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MeshlaneMaps struct {
-	MeshlaneCidrs   *ebpf.Map `ebpf:"meshlane_cidrs"`
-	MeshlaneCnt     *ebpf.Map `ebpf:"meshlane_cnt"`
-	MeshlaneOrigdst *ebpf.Map `ebpf:"meshlane_origdst"`
-	MeshlanePodips  *ebpf.Map `ebpf:"meshlane_podips"`
-	MeshlanePods    *ebpf.Map `ebpf:"meshlane_pods"`
-	MeshlanePorts   *ebpf.Map `ebpf:"meshlane_ports"`
-	MeshlaneSks     *ebpf.Map `ebpf:"meshlane_sks"`
-	MeshlaneSockh   *ebpf.Map `ebpf:"meshlane_sockh"`
+	MeshlaneCidrs     *ebpf.Map `ebpf:"meshlane_cidrs"`
+	MeshlaneCnt       *ebpf.Map `ebpf:"meshlane_cnt"`
+	MeshlaneListeners *ebpf.Map `ebpf:"meshlane_listeners"`
+	MeshlaneOrigdst   *ebpf.Map `ebpf:"meshlane_origdst"`
+	MeshlanePodips    *ebpf.Map `ebpf:"meshlane_podips"`
+	MeshlanePods      *ebpf.Map `ebpf:"meshlane_pods"`
+	MeshlanePorts     *ebpf.Map `ebpf:"meshlane_ports"`
+	MeshlaneSks       *ebpf.Map `ebpf:"meshlane_sks"`
+	MeshlaneSockh     *ebpf.Map `ebpf:"meshlane_sockh"`
 }
 
 func (m *MeshlaneMaps) Close() error {
 	return _MeshlaneClose(
 		m.MeshlaneCidrs,
 		m.MeshlaneCnt,
+		m.MeshlaneListeners,
 		m.MeshlaneOrigdst,
 		m.MeshlanePodips,
 		m.MeshlanePods,
@@ -295,9 +313,10 @@ func (m *MeshlaneMaps) Close() error {
 //
 // It can be passed to LoadMeshlaneObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MeshlaneVariables struct {
-	EnableSockmap *ebpf.Variable `ebpf:"enable_sockmap"`
-	MlBtfEnums    *ebpf.Variable `ebpf:"ml_btf_enums"`
-	PageSize      *ebpf.Variable `ebpf:"page_size"`
+	EnableSockmap     *ebpf.Variable `ebpf:"enable_sockmap"`
+	MlBtfEnums        *ebpf.Variable `ebpf:"ml_btf_enums"`
+	PageSize          *ebpf.Variable `ebpf:"page_size"`
+	RegisterListeners *ebpf.Variable `ebpf:"register_listeners"`
 }
 
 // MeshlanePrograms contains all programs after they have been loaded into the kernel.
@@ -311,6 +330,7 @@ type MeshlanePrograms struct {
 	MeshlaneRecvmsg6   *ebpf.Program `ebpf:"meshlane_recvmsg6"`
 	MeshlaneSendmsg4   *ebpf.Program `ebpf:"meshlane_sendmsg4"`
 	MeshlaneSendmsg6   *ebpf.Program `ebpf:"meshlane_sendmsg6"`
+	MeshlaneSkLookup   *ebpf.Program `ebpf:"meshlane_sk_lookup"`
 	MeshlaneSkMsg      *ebpf.Program `ebpf:"meshlane_sk_msg"`
 	MeshlaneSockops    *ebpf.Program `ebpf:"meshlane_sockops"`
 	MeshlaneTcIngress  *ebpf.Program `ebpf:"meshlane_tc_ingress"`
@@ -325,6 +345,7 @@ func (p *MeshlanePrograms) Close() error {
 		p.MeshlaneRecvmsg6,
 		p.MeshlaneSendmsg4,
 		p.MeshlaneSendmsg6,
+		p.MeshlaneSkLookup,
 		p.MeshlaneSkMsg,
 		p.MeshlaneSockops,
 		p.MeshlaneTcIngress,

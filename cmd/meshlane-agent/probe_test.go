@@ -21,6 +21,7 @@ import (
 // writes.
 type noMaps struct{}
 
+func (noMaps) AddPod(datapath.Pod) error    { return nil }
 func (noMaps) UpsertPod(datapath.Pod) error { return nil }
 func (noMaps) DeletePod(datapath.Pod) error { return nil }
 

@@ -118,7 +118,11 @@ func renderStatus(w io.Writer, st api.Status) error {
 		fast = "on (sockops + sk_msg short-circuit between local sockets)"
 	}
 	fmt.Fprintf(tw, "Fast path:\t%s\n", fast)
-	fmt.Fprintf(tw, "From other nodes:\t%s programs on each meshed pod's interface\n", ds.Inbound)
+	from := fmt.Sprintf("%s programs on each meshed pod's interface", ds.Inbound)
+	if ds.Inbound == "sk_lookup" {
+		from = "sk_lookup programs on each meshed pod's network namespace"
+	}
+	fmt.Fprintf(tw, "From other nodes:\t%s\n", from)
 	if err := tw.Flush(); err != nil {
 		return err
 	}

@@ -28,6 +28,10 @@ import (
 // idempotent: the agent re-applies pods after a restart and deletes pods
 // that may already be gone from the maps.
 type PodMaps interface {
+	// AddPod writes a pod at its CNI ADD, before any of its containers
+	// runs; UpsertPod writes one at any other time (restore, a pod meshed
+	// once its sidecar listens).
+	AddPod(datapath.Pod) error
 	UpsertPod(datapath.Pod) error
 	DeletePod(datapath.Pod) error
 }

@@ -277,7 +277,7 @@ func TestNetnsPathReuse(t *testing.T) {
 		t.Fatalf("maps after reuse = %v, want only the new cookie %d (old %d)", got, c2, c1)
 	}
 	ops := maps.opLog()
-	want := []string{"upsert " + itoa(c1), "delete " + itoa(c1), "upsert " + itoa(c2)}
+	want := []string{"add " + itoa(c1), "delete " + itoa(c1), "add " + itoa(c2)}
 	if !slices.Equal(ops, want) {
 		t.Fatalf("map ops = %v, want %v (old entries deleted first)", ops, want)
 	}

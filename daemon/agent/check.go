@@ -116,10 +116,17 @@ func (a *Agent) checkMeshed(c *checker, rec PodRecord) {
 		c.pass("meshlane_ports", fmt.Sprintf("%d port rules as computed", portRules(want)))
 	}
 
-	if err := a.view.InboundHooks(want); err != nil {
-		c.fail("inbound tc hooks", err.Error()+": connections from other nodes reach the app without its sidecar", fixRestart)
-	} else {
-		c.pass("inbound tc hooks", fmt.Sprintf("ingress program on %s", want.Interface.Name))
+	mode := a.view.Info().Inbound
+	switch err := a.view.InboundHooks(want); {
+	case errors.Is(err, datapath.ErrListenerNotRegistered):
+		c.fail("inbound hooks", err.Error(), "wait for the sidecar to listen; if it does, it listens with MPTCP: "+
+			"make it listen with plain TCP, or run meshlane-agent with --inbound-hooks tcx (or tc)")
+	case err != nil:
+		c.fail("inbound hooks", err.Error()+": connections from other nodes reach the app without its sidecar", fixRestart)
+	case mode == datapath.InboundSkLookup:
+		c.pass("inbound hooks", fmt.Sprintf("sk_lookup program on the pod's network namespace, inbound listener :%d registered", want.InboundPort))
+	default:
+		c.pass("inbound hooks", fmt.Sprintf("%s ingress program on %s", mode, want.Interface.Name))
 	}
 	if want.Cgroup != "" {
 		if err := a.view.CgroupHooks(want); err != nil {

@@ -34,6 +34,10 @@ type fakeView struct {
 	connsErr error
 	// ipOwners are extra meshlane_podips entries no pod wrote.
 	ipOwners map[netip.Addr]uint64
+	// inbound is Info's hook mode; inboundErr, when set, is what
+	// InboundHooks says of every pod.
+	inbound    string
+	inboundErr error
 }
 
 func (v *fakeView) Counters() (map[string]uint64, error) { return v.counters, nil }
@@ -58,6 +62,7 @@ func (v *fakeView) Info() datapath.Info {
 		CgroupPath: "/sys/fs/cgroup/test", BPFFS: "/sys/fs/bpf/meshlane", MapsDir: "/sys/fs/bpf/meshlane/maps-v1",
 		Links:    []datapath.LinkInfo{{Name: "connect4", LinkID: 7, ProgramID: 70, Pin: "/sys/fs/bpf/meshlane/links/connect4"}},
 		Features: []datapath.Feature{{Name: "connections view", Available: true}},
+		Inbound:  v.inbound,
 	}
 }
 
@@ -81,6 +86,9 @@ func (v *fakeView) CgroupHooks(p datapath.Pod) error {
 }
 
 func (v *fakeView) InboundHooks(p datapath.Pod) error {
+	if v.inboundErr != nil {
+		return v.inboundErr
+	}
 	if w, ok := v.maps.get(p.NetnsCookie); !ok || w.Interface.Name == "" {
 		return errors.New("no hooks")
 	}
@@ -215,6 +223,39 @@ func TestSelfCheckSettings(t *testing.T) {
 	}
 	if rep.OK {
 		t.Fatal("report OK despite differences")
+	}
+}
+
+// TestSelfCheckInboundHooks: the inbound hooks row names the mode; in
+// sk_lookup mode a listener that is not registered is told apart from a
+// missing hook, since the fix differs (the sidecar, not the agent).
+func TestSelfCheckInboundHooks(t *testing.T) {
+	view := &fakeView{inbound: datapath.InboundSkLookup}
+	a, _ := newDebugAgent(t, view)
+	p := newPod(t, "ctr-x", istioAnn, "10.1.0.7/24")
+	mustAdd(t, a, p.ev)
+	row := func() api.CheckItem {
+		t.Helper()
+		rep, err := a.SelfCheck("ctr-x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := slices.IndexFunc(rep.Checks, func(i api.CheckItem) bool { return i.Name == "inbound hooks" })
+		if i < 0 {
+			t.Fatalf("no inbound hooks row: %+v", rep.Checks)
+		}
+		return rep.Checks[i]
+	}
+	if r := row(); !r.OK || !strings.Contains(r.Detail, "sk_lookup program") {
+		t.Fatalf("healthy sk_lookup pod: %+v", r)
+	}
+	view.inboundErr = fmt.Errorf("%w on port 15006", datapath.ErrListenerNotRegistered)
+	if r := row(); r.OK || !strings.Contains(r.Fix, "plain TCP") {
+		t.Fatalf("unregistered listener: %+v, want a fix about the sidecar's listener", r)
+	}
+	view.inboundErr = errors.New("sk_lookup link of the pod netns: no such file")
+	if r := row(); r.OK || !strings.Contains(r.Fix, "restart meshlane-agent") {
+		t.Fatalf("missing hook: %+v, want the restart fix", r)
 	}
 }
 

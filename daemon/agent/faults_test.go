@@ -40,13 +40,22 @@ type stateWatchingMaps struct {
 	listed   []bool
 }
 
+func (m *stateWatchingMaps) AddPod(p datapath.Pod) error {
+	m.see(p)
+	return m.fakeMaps.AddPod(p)
+}
+
 func (m *stateWatchingMaps) UpsertPod(p datapath.Pod) error {
+	m.see(p)
+	return m.fakeMaps.UpsertPod(p)
+}
+
+func (m *stateWatchingMaps) see(p datapath.Pod) {
 	listed := false
 	for _, rec := range statePods(m.t, m.stateDir) {
 		listed = listed || rec.NetnsCookie == p.NetnsCookie && rec.Pod != nil
 	}
 	m.listed = append(m.listed, listed)
-	return m.fakeMaps.UpsertPod(p)
 }
 
 // TestStateFileBeforeMaps: ADD writes the state file before the maps, so a

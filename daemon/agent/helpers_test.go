@@ -42,7 +42,12 @@ type fakeMaps struct {
 
 func newFakeMaps() *fakeMaps { return &fakeMaps{pods: map[uint64]datapath.Pod{}} }
 
-func (f *fakeMaps) UpsertPod(p datapath.Pod) error {
+func (f *fakeMaps) AddPod(p datapath.Pod) error    { return f.write(p, "add") }
+func (f *fakeMaps) UpsertPod(p datapath.Pod) error { return f.write(p, "upsert") }
+
+// write records AddPod and UpsertPod alike, named apart in the op log;
+// upserts counts both.
+func (f *fakeMaps) write(p datapath.Pod, op string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.failWrite != nil {
@@ -53,7 +58,7 @@ func (f *fakeMaps) UpsertPod(p datapath.Pod) error {
 	}
 	f.pods[p.NetnsCookie] = p
 	f.upserts++
-	f.ops = append(f.ops, fmt.Sprintf("upsert %d", p.NetnsCookie))
+	f.ops = append(f.ops, fmt.Sprintf("%s %d", op, p.NetnsCookie))
 	return nil
 }
 

@@ -125,8 +125,8 @@ func (a *Agent) Add(ev api.PodEvent) (api.PodResponse, error) {
 	}
 	a.crashAt(faultAddAfterState)
 	if e.rec.Pod != nil {
-		if err := a.maps.UpsertPod(*e.rec.Pod); err != nil {
-			// UpsertPod took back what it wrote: forget the pod too, so
+		if err := a.maps.AddPod(*e.rec.Pod); err != nil {
+			// AddPod took back what it wrote: forget the pod too, so
 			// that a restart does not try again what did not fit.
 			a.forget(e)
 			a.logStateErr(ev.ContainerID, a.removePod(ev.ContainerID))

@@ -33,7 +33,7 @@ const DefaultBPFFS = "/sys/fs/bpf/meshlane"
 // connection once it is established; version 3's connections from other
 // nodes, which tc rewrote packet by packet, are the exception (see
 // legacyEgress).
-const LayoutVersion = 5
+const LayoutVersion = 6
 
 // Options configure Load.
 type Options struct {
@@ -47,8 +47,10 @@ type Options struct {
 	Scope string
 	// Sockmap turns on the sockops/sk_msg short-circuit.
 	Sockmap bool
-	// Inbound is how the tc program attaches to pod interfaces:
-	// InboundAuto (tcx where the kernel has it), InboundTCX or InboundTC.
+	// Inbound is how the inbound steering program attaches to meshed
+	// pods: InboundAuto (tcx where the kernel has it), InboundTCX,
+	// InboundTC (on the pod's interface) or InboundSkLookup (on its
+	// network namespace).
 	Inbound string
 	// Logger may be nil.
 	Logger *zap.Logger
@@ -68,8 +70,14 @@ type Datapath struct {
 
 	counterNames []string
 
-	// inbound is the hook mode settled at load: InboundTCX or InboundTC.
+	// inbound is the hook mode settled at load: InboundTCX, InboundTC or
+	// InboundSkLookup.
 	inbound string
+
+	// listeners is the listener iterator (sk_lookup mode only);
+	// listenersMu makes its runs one at a time.
+	listenersMu sync.Mutex
+	listeners   *bpf.ListenersObjects
 }
 
 // Link names, also their pin file names.
@@ -149,6 +157,9 @@ func LoadDetached(opts Options) (*Datapath, error) {
 	if err := spec.Variables["enable_sockmap"].Set(boolByte(opts.Sockmap)); err != nil {
 		return nil, fmt.Errorf("datapath: set enable_sockmap: %w", err)
 	}
+	if err := spec.Variables["register_listeners"].Set(boolByte(opts.Inbound == InboundSkLookup)); err != nil {
+		return nil, fmt.Errorf("datapath: set register_listeners: %w", err)
+	}
 	for name, m := range spec.Maps {
 		if name == ".rodata" {
 			continue
@@ -178,8 +189,25 @@ func LoadDetached(opts Options) (*Datapath, error) {
 		d.Close()
 		return nil, err
 	}
-	if d.inbound == InboundTC {
+	switch d.inbound {
+	case InboundTC:
 		opts.Logger.Info("inbound hooks: classic tc filters (this kernel has no tcx, or --inbound-hooks tc)")
+	case InboundSkLookup:
+		// Loaded now, so that a kernel without it fails the start, not
+		// the first pod meshed late.
+		if d.listeners, err = loadListeners(d.objs.MeshlaneListeners); err != nil {
+			d.Close()
+			return nil, fmt.Errorf("%w (--inbound-hooks sk_lookup needs it: run with tcx or tc)", err)
+		}
+		opts.Logger.Info("inbound hooks: sk_lookup on each meshed pod's network namespace")
+	}
+	// Listeners registered by an agent in sk_lookup mode keep a psock
+	// each for nothing in the other modes: release them.
+	if d.inbound != InboundSkLookup {
+		if err := emptyMap(d.objs.MeshlaneListeners); err != nil {
+			d.Close()
+			return nil, fmt.Errorf("datapath: empty meshlane_listeners: %w", err)
+		}
 	}
 	if err := d.loadWritten(); err != nil {
 		d.Close()
@@ -405,6 +433,9 @@ func (d *Datapath) Close() error {
 	var errs []error
 	for _, l := range d.links {
 		errs = append(errs, l.Close())
+	}
+	if d.listeners != nil {
+		errs = append(errs, d.listeners.Close())
 	}
 	errs = append(errs, d.objs.Close())
 	return errors.Join(errs...)

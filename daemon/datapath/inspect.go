@@ -94,9 +94,15 @@ func (d *Datapath) Info() Info {
 	}
 	tcx := Feature{Name: "tcx links for the inbound tc program (Linux >= 6.6)", Available: true,
 		Detail: "in use: pinned per pod under " + inboundRoot(d.opts.BPFFS)}
-	if info.Inbound != InboundTCX {
+	switch info.Inbound {
+	case InboundTC:
 		tcx.Available = false
 		tcx.Detail = "not in use (no tcx on this kernel, or --inbound-hooks tc): a classic clsact filter carries the same program; uninstall finds it by walking the network namespaces"
+	case InboundSkLookup:
+		tcx.Available = false
+		tcx.Detail = "not in use: --inbound-hooks sk_lookup"
+		info.Features = append(info.Features, Feature{Name: "sk_lookup links on pod network namespaces, TCP listener iterator (Linux >= 5.9 with BTF)",
+			Available: true, Detail: "in use: pinned per pod under " + inboundRoot(d.opts.BPFFS)})
 	}
 	info.Features = append(info.Features, tcx)
 	f := Feature{Name: "connections view (socket storage iterator, Linux >= 5.9 with BTF)", Available: true, Detail: "meshlanectl conns works"}

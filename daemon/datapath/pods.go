@@ -175,7 +175,17 @@ func (p Pod) value() bpf.MeshlaneMlPod {
 // is an error naming it. A new pod whose hooks cannot be attached is taken
 // out of the maps again: half a pod would send the node's own connections
 // through the sidecar and other nodes' around it.
-func (d *Datapath) UpsertPod(p Pod) error {
+func (d *Datapath) UpsertPod(p Pod) error { return d.upsertPod(p, false) }
+
+// AddPod is UpsertPod for a pod whose sandbox the runtime has just made (a
+// CNI ADD): none of its containers runs yet, so nothing listens in its
+// network namespace and no hook of another mode is on its interface.
+// UpsertPod's catch-up for those, after a restart or for a pod meshed
+// late, is skipped: in sk_lookup mode a walk of the node's TCP sockets for
+// open inbound listeners (about 1 ms) and a look for tc hooks.
+func (d *Datapath) AddPod(p Pod) error { return d.upsertPod(p, true) }
+
+func (d *Datapath) upsertPod(p Pod, fresh bool) error {
 	if err := p.validate(); err != nil {
 		return err
 	}
@@ -183,7 +193,7 @@ func (d *Datapath) UpsertPod(p Pod) error {
 	if err != nil {
 		return err
 	}
-	if err := errors.Join(d.attachInbound(p), d.attachPodCgroup(p)); err != nil {
+	if err := errors.Join(d.attachInbound(p, fresh), d.attachPodCgroup(p)); err != nil {
 		if isNew {
 			err = errors.Join(err, d.DeletePod(p))
 		}
@@ -234,7 +244,7 @@ func (d *Datapath) upsertMaps(p Pod) (isNew bool, err error) {
 // of the pod. Deleting a pod that is not there is not an error: DEL must be
 // idempotent.
 func (d *Datapath) DeletePod(p Pod) error {
-	if err := errors.Join(d.detachPodCgroup(p), d.detachInbound(p)); err != nil {
+	if err := errors.Join(d.detachPodCgroup(p), d.detachInbound(p), d.forgetListeners(p)); err != nil {
 		return err
 	}
 	d.mu.Lock()

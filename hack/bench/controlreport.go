@@ -167,7 +167,7 @@ func (rep *Report) controlSection() string {
 	p("## Control path: CNI ADD and DEL, agent footprint")
 	p("")
 	p("%d pods added one after the other through libcni (AddNetworkList, as containerd calls it), then deleted in the same order (DelNetworkList); creating and removing each pod's network namespace is not timed. "+
-		"`%s`: the conflist of the reference bridge + host-local plugins alone, no agent. `%s`: the same with meshlane-cni chained last and meshlane-agent running (defaults: Istio profile, short-circuit off, log level info; --inbound-hooks %s: a meshed pod's ADD attaches the tc programs to its eth0; --cgroup-scope %s). "+
+		"`%s`: the conflist of the reference bridge + host-local plugins alone, no agent. `%s`: the same with meshlane-cni chained last and meshlane-agent running (defaults: Istio profile, short-circuit off, log level info; --inbound-hooks %s: a meshed pod's ADD attaches the inbound steering program, to its eth0 with tcx or tc, to its network namespace with sk_lookup; --cgroup-scope %s). "+
 		"Every other pod is annotated as Istio-injected (`sidecar.istio.io/status`, so the agent meshes it); the rest carry no mesh annotation. "+
 		"Each mode and round gets a fresh node (directory, bridge, agent and pins); the two modes swap order every round.",
 		rep.Config.Pods, modePrimary, modePrimaryMeshlane, inboundFlag(rep.Config.Inbound), scopeFlag(rep.Config.CgroupScope))

@@ -51,8 +51,9 @@ type config struct {
 	Kinds []string `json:"kinds"`
 	// Sidecar is the sidecar in pods A and B: sidecarC or sidecarGo.
 	Sidecar string `json:"sidecar"`
-	// Inbound is how the tc program attaches to meshed pods' interfaces,
-	// in the data-path worlds and for the control path's agent.
+	// Inbound is how the inbound steering attaches to meshed pods (the
+	// agent's --inbound-hooks), in the data-path worlds and for the
+	// control path's agent.
 	Inbound string `json:"inboundHooks,omitempty"`
 	// CgroupScope is the control path agent's --cgroup-scope: in pod scope
 	// every pod gets a cgroup passed as cgroupPath, and a meshed pod's ADD
@@ -174,7 +175,7 @@ func parseFlags(args []string) (config, error) {
 	closeConns := fs.Int("close-conns", 8, "connections of the new-connection-per-request workload")
 	bulk := fs.Int("bulk-bytes", 4<<20, "response body size of the bulk workload")
 	sidecar := fs.String("sidecar", sidecarC, "sidecar in pods A and B: c (the C epoll one, lighter) or go (podbin sidecar)")
-	inbound := fs.String("inbound-hooks", datapath.InboundAuto, "how meshlane's tc program attaches to meshed pods' interfaces: auto, tcx or tc (meshlane-agent's flag of the same name)")
+	inbound := fs.String("inbound-hooks", datapath.InboundAuto, "how meshlane's inbound steering attaches to meshed pods: auto, tcx, tc or sk_lookup (meshlane-agent's flag of the same name)")
 	scope := fs.String("cgroup-scope", datapath.ScopeNode, "the control workload agent's --cgroup-scope: node, or pod (each pod gets a cgroup, passed as cgroupPath; a meshed pod's ADD attaches the cgroup programs to it)")
 	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
 	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")
@@ -242,9 +243,9 @@ func parseFlags(args []string) (config, error) {
 		return cfg, fmt.Errorf("--cgroup-scope %q: want %s or %s", cfg.CgroupScope, datapath.ScopeNode, datapath.ScopePod)
 	}
 	switch cfg.Inbound {
-	case datapath.InboundAuto, datapath.InboundTCX, datapath.InboundTC:
+	case datapath.InboundAuto, datapath.InboundTCX, datapath.InboundTC, datapath.InboundSkLookup:
 	default:
-		return cfg, fmt.Errorf("--inbound-hooks %q: want auto, %s or %s", cfg.Inbound, datapath.InboundTCX, datapath.InboundTC)
+		return cfg, fmt.Errorf("--inbound-hooks %q: want auto, %s, %s or %s", cfg.Inbound, datapath.InboundTCX, datapath.InboundTC, datapath.InboundSkLookup)
 	}
 	return cfg, nil
 }

@@ -153,7 +153,7 @@ func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
 		p("- iptables mode: Istio-style nat rules (IPv4) loaded with `%s` in pods A and B", tool)
 	}
 	c := rep.Config
-	p("- meshlane's inbound tc program on each meshed pod's eth0: --inbound-hooks %s", inboundFlag(c.Inbound))
+	p("- meshlane's inbound steering on each meshed pod (its eth0 with tcx or tc, its network namespace with sk_lookup): --inbound-hooks %s", inboundFlag(c.Inbound))
 	p("- %d round(s) of %s per run, modes rotated each round (%s); warm-up %s per mode", c.Rounds, c.Duration, strings.Join(c.Modes, ", "), c.Warmup)
 	p("")
 	p("Cells: mean (min–max) over the good rounds; below, the ratio of the means to iptables and to direct measured in this same run.")

@@ -69,7 +69,7 @@ func (tp *inboundTopology) remote() where {
 // are left alone; and the node's own redirected connections are never
 // rewritten a second time by tc.
 func TestInboundFromOtherNodes(t *testing.T) {
-	for _, mode := range []string{datapath.InboundTCX, datapath.InboundTC} {
+	for _, mode := range []string{datapath.InboundTCX, datapath.InboundTC, datapath.InboundSkLookup} {
 		for _, prof := range []mesh.Profile{mesh.Istio, mesh.Linkerd} {
 			t.Run(mode+"/"+prof.Name, func(t *testing.T) {
 				tp := newInboundTopology(t, prof, mode)
@@ -245,7 +245,7 @@ func TestInboundShortConnectionsLeaveNoState(t *testing.T) {
 // steered before goes on through the sidecar (it never needed tc after its
 // SYN).
 func TestUninstallRemovesInboundHooks(t *testing.T) {
-	for _, mode := range []string{datapath.InboundTCX, datapath.InboundTC} {
+	for _, mode := range []string{datapath.InboundTCX, datapath.InboundTC, datapath.InboundSkLookup} {
 		t.Run(mode, func(t *testing.T) {
 			tp := newInboundTopology(t, mesh.Istio, mode)
 			n := tp.n
@@ -350,11 +350,11 @@ func bpfFilters(t *testing.T, p *testenv.Pod) []string {
 	return names
 }
 
-// newMeshedServer is a node with pod B meshed (Istio, tc hook on its eth0)
-// and its app server up but no sidecar yet, and a client in pod R that no
-// connect hook sees, as another node's.
-func newMeshedServer(t *testing.T) (*node, *testenv.Pod, where) {
-	n := newNode(t, false)
+// newMeshedServer is a node with pod B meshed (Istio, the inbound hook of
+// mode on it) and its app server up but no sidecar yet, and a client in
+// pod R that no connect hook sees, as another node's.
+func newMeshedServer(t *testing.T, mode string) (*node, *testenv.Pod, where) {
+	n := newNodeInbound(t, false, mode)
 	b, r := n.pod("b"), n.pod("r")
 	n.meshInbound(b, mesh.Istio, nil)
 	n.server(b, "b", appPort)
@@ -366,20 +366,24 @@ func newMeshedServer(t *testing.T) (*node, *testenv.Pod, where) {
 // dropped at its SYN, never handed to the app around the sidecar; once the
 // sidecar listens, connections go through it.
 func TestInboundWithoutSidecar(t *testing.T) {
-	n, b, remote := newMeshedServer(t)
-	to := hostPort(b.IPv4, appPort)
+	for _, mode := range []string{datapath.InboundTCX, datapath.InboundSkLookup} {
+		t.Run(mode, func(t *testing.T) {
+			n, b, remote := newMeshedServer(t, mode)
+			to := hostPort(b.IPv4, appPort)
 
-	before := n.counters()
-	if res, err := n.tryClient(remote, to, "--timeout", "1s"); err == nil {
-		t.Fatalf("connected to the app with no sidecar listening: %+v", res)
-	}
-	if got := n.counters()["remote_no_listener"] - before["remote_no_listener"]; got == 0 {
-		t.Fatal("remote_no_listener did not count the dropped SYN")
-	}
-	side := n.sidecar(b, mesh.Istio)
-	n.client(remote, to)
-	if ev := sidecarEvents(t, side); len(ev) != 1 || ev[0].OrigDst != to {
-		t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
+			before := n.counters()
+			if res, err := n.tryClient(remote, to, "--timeout", "1s"); err == nil {
+				t.Fatalf("connected to the app with no sidecar listening: %+v", res)
+			}
+			if got := n.counters()["remote_no_listener"] - before["remote_no_listener"]; got == 0 {
+				t.Fatal("remote_no_listener did not count the dropped SYN")
+			}
+			side := n.sidecar(b, mesh.Istio)
+			n.client(remote, to)
+			if ev := sidecarEvents(t, side); len(ev) != 1 || ev[0].OrigDst != to {
+				t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
+			}
+		})
 	}
 }
 
@@ -387,18 +391,22 @@ func TestInboundWithoutSidecar(t *testing.T) {
 // a SYN from another node is steered to such a listener too, IPv4 and
 // IPv6.
 func TestInboundReuseportListener(t *testing.T) {
-	n, b, remote := newMeshedServer(t)
-	side := n.sidecar(b, mesh.Istio, "--reuseport")
-	for _, ip := range []netip.Addr{b.IPv4, b.IPv6} {
-		to := hostPort(ip, appPort)
-		seen, before := len(sidecarEvents(t, side)), n.counters()
-		n.client(remote, to)
-		if ev := newEvents(t, side, seen); len(ev) != 1 || ev[0].OrigDst != to {
-			t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
-		}
-		if got := n.counters()["redirect_inbound_remote"] - before["redirect_inbound_remote"]; got != 1 {
-			t.Fatalf("tc steered %d connections, want 1", got)
-		}
+	for _, mode := range []string{datapath.InboundTCX, datapath.InboundSkLookup} {
+		t.Run(mode, func(t *testing.T) {
+			n, b, remote := newMeshedServer(t, mode)
+			side := n.sidecar(b, mesh.Istio, "--reuseport")
+			for _, ip := range []netip.Addr{b.IPv4, b.IPv6} {
+				to := hostPort(ip, appPort)
+				seen, before := len(sidecarEvents(t, side)), n.counters()
+				n.client(remote, to)
+				if ev := newEvents(t, side, seen); len(ev) != 1 || ev[0].OrigDst != to {
+					t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
+				}
+				if got := n.counters()["redirect_inbound_remote"] - before["redirect_inbound_remote"]; got != 1 {
+					t.Fatalf("tc steered %d connections, want 1", got)
+				}
+			}
+		})
 	}
 }
 
@@ -408,18 +416,22 @@ func TestInboundReuseportListener(t *testing.T) {
 // stack would complete it on the app's own listener, around the sidecar.
 // tc hands that ACK to the sidecar's listener too.
 func TestInboundSyncookies(t *testing.T) {
-	n, b, remote := newMeshedServer(t)
-	setSysctls(t, b, map[string]string{"net/ipv4/tcp_syncookies": "2"})
-	side := n.sidecar(b, mesh.Istio)
-	for _, ip := range []netip.Addr{b.IPv4, b.IPv6} {
-		to := hostPort(ip, appPort)
-		seen := len(sidecarEvents(t, side))
-		r := parseReply(t, n.client(remote, to)[0].Reply)
-		if ev := newEvents(t, side, seen); len(ev) != 1 || ev[0].OrigDst != to {
-			t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
-		}
-		if !r.Remote.Addr().IsLoopback() && r.Remote.Addr() != netip.MustParseAddr("::6") {
-			t.Fatalf("the app saw %s: reached directly, not through the sidecar", r.Remote)
-		}
+	for _, mode := range []string{datapath.InboundTCX, datapath.InboundSkLookup} {
+		t.Run(mode, func(t *testing.T) {
+			n, b, remote := newMeshedServer(t, mode)
+			setSysctls(t, b, map[string]string{"net/ipv4/tcp_syncookies": "2"})
+			side := n.sidecar(b, mesh.Istio)
+			for _, ip := range []netip.Addr{b.IPv4, b.IPv6} {
+				to := hostPort(ip, appPort)
+				seen := len(sidecarEvents(t, side))
+				r := parseReply(t, n.client(remote, to)[0].Reply)
+				if ev := newEvents(t, side, seen); len(ev) != 1 || ev[0].OrigDst != to {
+					t.Fatalf("sidecar events %+v, want one with origDst %s", ev, to)
+				}
+				if !r.Remote.Addr().IsLoopback() && r.Remote.Addr() != netip.MustParseAddr("::6") {
+					t.Fatalf("the app saw %s: reached directly, not through the sidecar", r.Remote)
+				}
+			}
+		})
 	}
 }

@@ -39,9 +39,16 @@ func clientResults(t *testing.T, out []byte) []wire.ClientResult {
 // pod. Every connection reaches its inbound sidecar with the right original
 // destination, over IPv4 and IPv6, also while the agent is killed and
 // restarted; an excluded port is reached directly; DEL removes the pod's
-// tc hooks.
+// inbound hook. Both with the default hooks (tcx) and with sk_lookup, whose
+// listener registry must survive the agent's restarts.
 func TestRemoteNodePods(t *testing.T) {
-	e := newEnv(t, "1.1.0", "")
+	for _, hooks := range []string{"auto", "sk_lookup"} {
+		t.Run(hooks, func(t *testing.T) { testRemoteNodePods(t, hooks) })
+	}
+}
+
+func testRemoteNodePods(t *testing.T, hooks string) {
+	e := newEnvWith(t, "1.1.0", "", "--inbound-hooks", hooks)
 	server := e.add("server", map[string]string{
 		mesh.Istio.Marker: "{}",
 		"traffic.sidecar.istio.io/excludeInboundPorts": "9090",
@@ -150,12 +157,17 @@ func TestRemoteNodePods(t *testing.T) {
 	}
 	pins := filepath.Join(e.bpffs, "inbound", fmt.Sprint(cookie))
 	if _, err := os.Stat(pins); err != nil {
-		t.Fatalf("the meshed pod's tc hooks are not pinned: %v", err)
+		t.Fatalf("the meshed pod's inbound hook is not pinned: %v", err)
+	}
+	if hooks == "sk_lookup" {
+		if _, err := os.Stat(filepath.Join(pins, "sk_lookup")); err != nil {
+			t.Fatalf("no sk_lookup link pinned for the meshed pod: %v", err)
+		}
 	}
 	if err := e.node.DelPod(t.Context(), server); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(pins); !os.IsNotExist(err) {
-		t.Fatalf("DEL left the pod's tc hooks pinned at %s (%v)", pins, err)
+		t.Fatalf("DEL left the pod's inbound hook pinned at %s (%v)", pins, err)
 	}
 }

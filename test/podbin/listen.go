@@ -38,9 +38,11 @@ func parseAddrPorts(list string) ([]netip.AddrPort, error) {
 // 0.0.0.0:P and [::]:P can be bound side by side as two sockets, the way
 // Envoy binds them; dualstack instead leaves IPv6 sockets open to v4-mapped
 // peers (a single [::]:P for both families). reuseport sets SO_REUSEPORT,
-// as Envoy does on its listeners by default.
+// as Envoy does on its listeners by default. mptcp listens with MPTCP, as
+// Go's net.Listen does by default since Go 1.24; otherwise listeners are
+// plain TCP, as Envoy's and linkerd2-proxy's are.
 type listenOpts struct {
-	dualstack, reuseport bool
+	dualstack, reuseport, mptcp bool
 }
 
 // listenAll opens one TCP listener per address.
@@ -87,6 +89,9 @@ func listenOne(ap netip.AddrPort, o listenOpts) (*net.TCPListener, error) {
 		}
 		return serr
 	}}
+	// The kernel never puts an MPTCP socket in a sockmap, so meshlane's
+	// sk_lookup mode cannot register such a listener.
+	lc.SetMultipathTCP(o.mptcp)
 	ln, err := lc.Listen(context.Background(), network, ap.String())
 	if err != nil {
 		if o.dualstack && errors.Is(err, unix.EADDRINUSE) {

@@ -46,6 +46,7 @@ func runSidecar(args []string) error {
 	ready := fs.String("ready", "", "write the bound addresses to this file once every listener is up")
 	dualstack := fs.Bool("dualstack", false, "let IPv6 listeners accept v4-mapped connections (one [::] socket for both families)")
 	reuseport := fs.Bool("reuseport", false, "set SO_REUSEPORT on the listeners, as Envoy does by default")
+	mptcp := fs.Bool("mptcp", false, "listen with MPTCP (Go's own default), not plain TCP as Envoy and linkerd2-proxy do")
 	dialTimeout := fs.Duration("dial-timeout", 5*time.Second, "timeout for upstream connections")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -91,11 +92,11 @@ func runSidecar(args []string) error {
 			return err
 		}
 	}
-	outLns, err := listenAll(outAddrs, listenOpts{*dualstack, *reuseport})
+	outLns, err := listenAll(outAddrs, listenOpts{*dualstack, *reuseport, *mptcp})
 	if err != nil {
 		return fmt.Errorf("outbound listener: %w", err)
 	}
-	inLns, err := listenAll(inAddrs, listenOpts{*dualstack, *reuseport})
+	inLns, err := listenAll(inAddrs, listenOpts{*dualstack, *reuseport, *mptcp})
 	if err != nil {
 		return fmt.Errorf("inbound listener: %w", err)
 	}
