@@ -11,7 +11,7 @@ import (
 func TestMain(m *testing.M) { testenv.Main(m) }
 
 // TestDemo runs `make demo`'s main job, small, for both mesh profiles (one
-// with the short-circuit, one in pod cgroup scope): every client
+// with the short-circuit, one in pod cgroup scope with sk_lookup): every client
 // connection, same-node and from the pod playing another node, must
 // succeed, or run returns an error.
 func TestDemo(t *testing.T) {
@@ -20,9 +20,10 @@ func TestDemo(t *testing.T) {
 		profile string
 		sockmap bool
 		scope   string
-	}{{"istio", false, "pod"}, {"linkerd", true, "node"}} {
+		inbound string
+	}{{"istio", false, "pod", "sk_lookup"}, {"linkerd", true, "node", ""}} {
 		t.Run(c.profile+"/"+c.scope, func(t *testing.T) {
-			if err := run(options{pods: 2, profile: c.profile, sockmap: c.sockmap, requests: 3, scope: c.scope}); err != nil {
+			if err := run(options{pods: 2, profile: c.profile, sockmap: c.sockmap, requests: 3, scope: c.scope, inbound: c.inbound}); err != nil {
 				t.Fatal(err)
 			}
 		})

@@ -37,12 +37,13 @@ func main() {
 	requests := flag.Int("requests", 20, "connections each app opens to the next pod's app")
 	wait := flag.Bool("wait", false, "keep the node up until Ctrl-C, for exploring with meshlanectl")
 	scope := flag.String("cgroup-scope", "node", "where the agent attaches the cgroup programs: node (the demo's cgroup) or pod (each pod's own cgroup, passed to the chain as cgroupPath)")
+	inbound := flag.String("inbound-hooks", "auto", "how the agent steers connections from other nodes into meshed pods: auto, tcx, tc (on the pod's interface) or sk_lookup (on its network namespace)")
 	flag.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: demo [flags]\n\nBrings up a simulated meshlane node on this machine (root, Linux >= 5.15, cgroup v2).\n\n")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
-	if err := run(options{pods: *pods, profile: *profile, sockmap: *sockmap, requests: *requests, wait: *wait, scope: *scope}); err != nil {
+	if err := run(options{pods: *pods, profile: *profile, sockmap: *sockmap, requests: *requests, wait: *wait, scope: *scope, inbound: *inbound}); err != nil {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
 		os.Exit(1)
 	}
@@ -55,6 +56,15 @@ func podCgroup(p *cninode.Pod, node *testenv.Cgroup) *testenv.Cgroup {
 		return p.Cgroup
 	}
 	return node
+}
+
+// inboundArgs passes the demo's --inbound-hooks on to the agent, which
+// checks the value.
+func inboundArgs(mode string) []string {
+	if mode == "" {
+		return nil
+	}
+	return []string{"--inbound-hooks", mode}
 }
 
 // step prints what the demo does next.
@@ -82,8 +92,9 @@ type options struct {
 	sockmap  bool
 	requests int
 	wait     bool
-	// scope is the agent's --cgroup-scope.
-	scope string
+	// scope is the agent's --cgroup-scope, inbound its --inbound-hooks
+	// (empty: the agent's default).
+	scope, inbound string
 }
 
 func run(o options) error {
@@ -160,7 +171,7 @@ func run(o options) error {
 	node, err := cninode.Start(cninode.Options{
 		Bin: bins, Dir: work, Cgroup: cg, PodCgroups: o.scope == "pod", BPFFS: filepath.Join(bpffs, "meshlane"),
 		Bridge: bridge, Subnet4: v4, Subnet6: v6, Profile: prof.Name, Sockmap: sockmap,
-		AgentLog: mustCreate(filepath.Join(work, "agent.log")),
+		AgentLog: mustCreate(filepath.Join(work, "agent.log")), AgentArgs: inboundArgs(o.inbound),
 	})
 	if err != nil {
 		return fmt.Errorf("%w (agent log: %s)", err, filepath.Join(work, "agent.log"))
