@@ -9,6 +9,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+
 	"github.com/meshlane/meshlane/bpf"
 	"github.com/meshlane/meshlane/daemon/datapath"
 	"github.com/meshlane/meshlane/test/testenv"
@@ -18,28 +21,36 @@ import (
 // itself and gets the datapath's map at load, so both declarations must
 // agree byte for byte, or the iterator would misread every record.
 func TestConnsSharesSocketStorage(t *testing.T) {
-	ml, err := bpf.LoadMeshlane()
-	if err != nil {
-		t.Fatal(err)
-	}
 	cs, err := bpf.LoadConns()
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, b := ml.Maps["meshlane_sks"], cs.Maps[bpf.ConnsMapMeshlaneSks]
-	if a == nil || b == nil {
-		t.Fatalf("meshlane_sks missing: datapath %v, iterator %v", a, b)
-	}
-	if a.Type != b.Type || a.KeySize != b.KeySize || a.ValueSize != b.ValueSize || a.Flags != b.Flags || a.MaxEntries != b.MaxEntries {
-		t.Fatalf("meshlane_sks differs: datapath %+v, iterator %+v", a, b)
-	}
-	if la, lb := btfLayout(a.Value), btfLayout(b.Value); la != lb {
-		t.Fatalf("struct ml_origdst differs between meshlane.c and conns.c:\n%s\n%s", la, lb)
-	}
+	sameMap(t, cs, bpf.ConnsMapMeshlaneSks, func(m *ebpf.MapSpec) btf.Type { return m.Value })
 	// The Go record type must be what the C record is.
 	var rec bpf.ConnsMlConn
 	if got, want := reflect.TypeOf(rec).Size(), uintptr(72); got != want {
 		t.Fatalf("ConnsMlConn is %d bytes, the C struct ml_conn %d", got, want)
+	}
+}
+
+// sameMap fails t unless the map name of an iterator's spec is declared
+// as meshlane.c declares it, down to the layout of the type shared (its
+// key or its value).
+func sameMap(t *testing.T, iter *ebpf.CollectionSpec, name string, shared func(*ebpf.MapSpec) btf.Type) {
+	t.Helper()
+	ml, err := bpf.LoadMeshlane()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := ml.Maps[name], iter.Maps[name]
+	if a == nil || b == nil {
+		t.Fatalf("%s missing: datapath %v, iterator %v", name, a, b)
+	}
+	if a.Type != b.Type || a.KeySize != b.KeySize || a.ValueSize != b.ValueSize || a.Flags != b.Flags || a.MaxEntries != b.MaxEntries {
+		t.Fatalf("%s differs: datapath %+v, iterator %+v", name, a, b)
+	}
+	if la, lb := btfLayout(shared(a)), btfLayout(shared(b)); la != lb {
+		t.Fatalf("the type %s shares differs between meshlane.c and the iterator:\n%s\n%s", name, la, lb)
 	}
 }
 
