@@ -36,7 +36,9 @@
  *                              meshlane_listeners, where sockops registers
  *                              the sidecar's inbound listener at listen()
  *                              (and the agent's iterator, listeners.c, the
- *                              ones already open).
+ *                              ones already open); a pod whose listener
+ *                              cannot be registered (MPTCP) gets the tc
+ *                              program too.
  *
  * Pod identity is the socket's network namespace cookie, which the agent
  * maps to the pod from the netns the CNI plugin reported: exact from the
@@ -282,6 +284,14 @@ struct {
 	__type(key, struct ml_tuple);
 	__type(value, __u64);
 } meshlane_sockh SEC(".maps");
+
+/* Inbound listeners sockops could not register (MPTCP sockets cannot go
+ * in a sockhash), as their meshlane_listeners key: the agent gives their
+ * pods the tc program, which steers to any listener. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} meshlane_unregistered SEC(".maps");
 
 /* The inbound listeners sk_lookup hands connections to. A closed socket
  * leaves the map on its own. */
@@ -973,7 +983,8 @@ static __always_inline void accelerate(struct bpf_sock_ops *skops)
 
 /* A meshed pod's sidecar opens its inbound listener: register it for
  * sk_lookup. A socket the kernel cannot put in a sockhash (MPTCP) is
- * counted: sk_lookup then finds no listener and drops connections from
+ * counted and reported to the agent, which puts the tc program on the pod;
+ * until then sk_lookup finds no listener and drops connections from
  * outside the pod rather than let them reach the app. */
 static __always_inline void register_listener(struct bpf_sock_ops *skops)
 {
@@ -986,10 +997,12 @@ static __always_inline void register_listener(struct bpf_sock_ops *skops)
 		return;
 	k.port = pod->inbound_port;
 	k.family = (__u16)skops->family;
-	if (bpf_sock_hash_update(skops, &meshlane_listeners, &k, BPF_ANY))
+	if (bpf_sock_hash_update(skops, &meshlane_listeners, &k, BPF_ANY)) {
 		count(ML_CNT_LISTENER_REGISTER_FAILED);
-	else
+		bpf_ringbuf_output(&meshlane_unregistered, &k, sizeof(k), 0);
+	} else {
 		count(ML_CNT_LISTENER_REGISTERED);
+	}
 }
 
 SEC("sockops")

@@ -158,30 +158,31 @@ type MeshlaneMlTuple struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	MeshlaneMapMeshlaneCidrs       = "meshlane_cidrs"
-	MeshlaneMapMeshlaneCnt         = "meshlane_cnt"
-	MeshlaneMapMeshlaneListeners   = "meshlane_listeners"
-	MeshlaneMapMeshlaneOrigdst     = "meshlane_origdst"
-	MeshlaneMapMeshlanePodips      = "meshlane_podips"
-	MeshlaneMapMeshlanePods        = "meshlane_pods"
-	MeshlaneMapMeshlanePorts       = "meshlane_ports"
-	MeshlaneMapMeshlaneSks         = "meshlane_sks"
-	MeshlaneMapMeshlaneSockh       = "meshlane_sockh"
-	MeshlaneProgMeshlaneConnect4   = "meshlane_connect4"
-	MeshlaneProgMeshlaneConnect6   = "meshlane_connect6"
-	MeshlaneProgMeshlaneGetsockopt = "meshlane_getsockopt"
-	MeshlaneProgMeshlaneRecvmsg4   = "meshlane_recvmsg4"
-	MeshlaneProgMeshlaneRecvmsg6   = "meshlane_recvmsg6"
-	MeshlaneProgMeshlaneSendmsg4   = "meshlane_sendmsg4"
-	MeshlaneProgMeshlaneSendmsg6   = "meshlane_sendmsg6"
-	MeshlaneProgMeshlaneSkLookup   = "meshlane_sk_lookup"
-	MeshlaneProgMeshlaneSkMsg      = "meshlane_sk_msg"
-	MeshlaneProgMeshlaneSockops    = "meshlane_sockops"
-	MeshlaneProgMeshlaneTcIngress  = "meshlane_tc_ingress"
-	MeshlaneVarEnableSockmap       = "enable_sockmap"
-	MeshlaneVarMlBtfEnums          = "ml_btf_enums"
-	MeshlaneVarPageSize            = "page_size"
-	MeshlaneVarRegisterListeners   = "register_listeners"
+	MeshlaneMapMeshlaneCidrs        = "meshlane_cidrs"
+	MeshlaneMapMeshlaneCnt          = "meshlane_cnt"
+	MeshlaneMapMeshlaneListeners    = "meshlane_listeners"
+	MeshlaneMapMeshlaneOrigdst      = "meshlane_origdst"
+	MeshlaneMapMeshlanePodips       = "meshlane_podips"
+	MeshlaneMapMeshlanePods         = "meshlane_pods"
+	MeshlaneMapMeshlanePorts        = "meshlane_ports"
+	MeshlaneMapMeshlaneSks          = "meshlane_sks"
+	MeshlaneMapMeshlaneSockh        = "meshlane_sockh"
+	MeshlaneMapMeshlaneUnregistered = "meshlane_unregistered"
+	MeshlaneProgMeshlaneConnect4    = "meshlane_connect4"
+	MeshlaneProgMeshlaneConnect6    = "meshlane_connect6"
+	MeshlaneProgMeshlaneGetsockopt  = "meshlane_getsockopt"
+	MeshlaneProgMeshlaneRecvmsg4    = "meshlane_recvmsg4"
+	MeshlaneProgMeshlaneRecvmsg6    = "meshlane_recvmsg6"
+	MeshlaneProgMeshlaneSendmsg4    = "meshlane_sendmsg4"
+	MeshlaneProgMeshlaneSendmsg6    = "meshlane_sendmsg6"
+	MeshlaneProgMeshlaneSkLookup    = "meshlane_sk_lookup"
+	MeshlaneProgMeshlaneSkMsg       = "meshlane_sk_msg"
+	MeshlaneProgMeshlaneSockops     = "meshlane_sockops"
+	MeshlaneProgMeshlaneTcIngress   = "meshlane_tc_ingress"
+	MeshlaneVarEnableSockmap        = "enable_sockmap"
+	MeshlaneVarMlBtfEnums           = "ml_btf_enums"
+	MeshlaneVarPageSize             = "page_size"
+	MeshlaneVarRegisterListeners    = "register_listeners"
 )
 
 // LoadMeshlane returns the embedded CollectionSpec for Meshlane.
@@ -243,15 +244,16 @@ type MeshlaneProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MeshlaneMapSpecs struct {
-	MeshlaneCidrs     *ebpf.MapSpec `ebpf:"meshlane_cidrs"`
-	MeshlaneCnt       *ebpf.MapSpec `ebpf:"meshlane_cnt"`
-	MeshlaneListeners *ebpf.MapSpec `ebpf:"meshlane_listeners"`
-	MeshlaneOrigdst   *ebpf.MapSpec `ebpf:"meshlane_origdst"`
-	MeshlanePodips    *ebpf.MapSpec `ebpf:"meshlane_podips"`
-	MeshlanePods      *ebpf.MapSpec `ebpf:"meshlane_pods"`
-	MeshlanePorts     *ebpf.MapSpec `ebpf:"meshlane_ports"`
-	MeshlaneSks       *ebpf.MapSpec `ebpf:"meshlane_sks"`
-	MeshlaneSockh     *ebpf.MapSpec `ebpf:"meshlane_sockh"`
+	MeshlaneCidrs        *ebpf.MapSpec `ebpf:"meshlane_cidrs"`
+	MeshlaneCnt          *ebpf.MapSpec `ebpf:"meshlane_cnt"`
+	MeshlaneListeners    *ebpf.MapSpec `ebpf:"meshlane_listeners"`
+	MeshlaneOrigdst      *ebpf.MapSpec `ebpf:"meshlane_origdst"`
+	MeshlanePodips       *ebpf.MapSpec `ebpf:"meshlane_podips"`
+	MeshlanePods         *ebpf.MapSpec `ebpf:"meshlane_pods"`
+	MeshlanePorts        *ebpf.MapSpec `ebpf:"meshlane_ports"`
+	MeshlaneSks          *ebpf.MapSpec `ebpf:"meshlane_sks"`
+	MeshlaneSockh        *ebpf.MapSpec `ebpf:"meshlane_sockh"`
+	MeshlaneUnregistered *ebpf.MapSpec `ebpf:"meshlane_unregistered"`
 }
 
 // MeshlaneVariableSpecs contains global variables before they are loaded into the kernel.
@@ -284,15 +286,16 @@ func (o *MeshlaneObjects) Close() error {
 //
 // It can be passed to LoadMeshlaneObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MeshlaneMaps struct {
-	MeshlaneCidrs     *ebpf.Map `ebpf:"meshlane_cidrs"`
-	MeshlaneCnt       *ebpf.Map `ebpf:"meshlane_cnt"`
-	MeshlaneListeners *ebpf.Map `ebpf:"meshlane_listeners"`
-	MeshlaneOrigdst   *ebpf.Map `ebpf:"meshlane_origdst"`
-	MeshlanePodips    *ebpf.Map `ebpf:"meshlane_podips"`
-	MeshlanePods      *ebpf.Map `ebpf:"meshlane_pods"`
-	MeshlanePorts     *ebpf.Map `ebpf:"meshlane_ports"`
-	MeshlaneSks       *ebpf.Map `ebpf:"meshlane_sks"`
-	MeshlaneSockh     *ebpf.Map `ebpf:"meshlane_sockh"`
+	MeshlaneCidrs        *ebpf.Map `ebpf:"meshlane_cidrs"`
+	MeshlaneCnt          *ebpf.Map `ebpf:"meshlane_cnt"`
+	MeshlaneListeners    *ebpf.Map `ebpf:"meshlane_listeners"`
+	MeshlaneOrigdst      *ebpf.Map `ebpf:"meshlane_origdst"`
+	MeshlanePodips       *ebpf.Map `ebpf:"meshlane_podips"`
+	MeshlanePods         *ebpf.Map `ebpf:"meshlane_pods"`
+	MeshlanePorts        *ebpf.Map `ebpf:"meshlane_ports"`
+	MeshlaneSks          *ebpf.Map `ebpf:"meshlane_sks"`
+	MeshlaneSockh        *ebpf.Map `ebpf:"meshlane_sockh"`
+	MeshlaneUnregistered *ebpf.Map `ebpf:"meshlane_unregistered"`
 }
 
 func (m *MeshlaneMaps) Close() error {
@@ -306,6 +309,7 @@ func (m *MeshlaneMaps) Close() error {
 		m.MeshlanePorts,
 		m.MeshlaneSks,
 		m.MeshlaneSockh,
+		m.MeshlaneUnregistered,
 	)
 }
 

@@ -116,17 +116,20 @@ func (a *Agent) checkMeshed(c *checker, rec PodRecord) {
 		c.pass("meshlane_ports", fmt.Sprintf("%d port rules as computed", portRules(want)))
 	}
 
-	mode := a.view.Info().Inbound
-	switch err := a.view.InboundHooks(want); {
+	switch detail, err := a.view.InboundHooks(want); {
 	case errors.Is(err, datapath.ErrListenerNotRegistered):
-		c.fail("inbound hooks", err.Error(), "wait for the sidecar to listen; if it does, it listens with MPTCP: "+
-			"make it listen with plain TCP, or run meshlane-agent with --inbound-hooks tcx (or tc)")
+		// Fine while the sidecar is not listening yet; broken once it is.
+		if up, lerr := podns.ListenerUp(want.Interface.Netns, want.InboundPort); lerr == nil && !up {
+			c.pass("inbound hooks", fmt.Sprintf("sk_lookup program on the pod's network namespace; the sidecar is not listening on :%d yet "+
+				"(connections from other nodes are dropped until it does)", want.InboundPort))
+			break
+		}
+		c.fail("inbound hooks", err.Error(), "the sidecar listens, so its listener is an MPTCP socket and "+
+			"the tc fallback failed (see the agent's log): run meshlane-agent with --inbound-hooks tcx, or have the sidecar listen with plain TCP")
 	case err != nil:
 		c.fail("inbound hooks", err.Error()+": connections from other nodes reach the app without its sidecar", fixRestart)
-	case mode == datapath.InboundSkLookup:
-		c.pass("inbound hooks", fmt.Sprintf("sk_lookup program on the pod's network namespace, inbound listener :%d registered", want.InboundPort))
 	default:
-		c.pass("inbound hooks", fmt.Sprintf("%s ingress program on %s", mode, want.Interface.Name))
+		c.pass("inbound hooks", detail)
 	}
 	if want.Cgroup != "" {
 		if err := a.view.CgroupHooks(want); err != nil {

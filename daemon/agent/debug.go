@@ -31,8 +31,9 @@ type DatapathView interface {
 	ReadPod(netns uint64) (datapath.Pod, bool, error)
 	// PodIPOwner returns the netns cookie meshlane_podips maps ip to.
 	PodIPOwner(ip netip.Addr) (uint64, bool, error)
-	// InboundHooks says what is missing of the pod's tc program.
-	InboundHooks(p datapath.Pod) error
+	// InboundHooks says what steers the pod's connections from other
+	// nodes, or what is missing of it.
+	InboundHooks(p datapath.Pod) (string, error)
 	// CgroupHooks says what is missing of the pod's cgroup programs in pod
 	// scope.
 	CgroupHooks(p datapath.Pod) error

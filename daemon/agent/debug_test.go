@@ -85,14 +85,14 @@ func (v *fakeView) CgroupHooks(p datapath.Pod) error {
 	return nil
 }
 
-func (v *fakeView) InboundHooks(p datapath.Pod) error {
+func (v *fakeView) InboundHooks(p datapath.Pod) (string, error) {
 	if v.inboundErr != nil {
-		return v.inboundErr
+		return "", v.inboundErr
 	}
 	if w, ok := v.maps.get(p.NetnsCookie); !ok || w.Interface.Name == "" {
-		return errors.New("no hooks")
+		return "", errors.New("no hooks")
 	}
-	return nil
+	return v.inbound + " program", nil
 }
 
 func (v *fakeView) PodIPOwner(ip netip.Addr) (uint64, bool, error) {
@@ -226,9 +226,10 @@ func TestSelfCheckSettings(t *testing.T) {
 	}
 }
 
-// TestSelfCheckInboundHooks: the inbound hooks row names the mode; in
-// sk_lookup mode a listener that is not registered is told apart from a
-// missing hook, since the fix differs (the sidecar, not the agent).
+// TestSelfCheckInboundHooks: the inbound hooks row shows what the
+// datapath found; in sk_lookup mode a listener that is not registered is
+// told apart from a missing hook, since the fix differs (the sidecar, not
+// the agent).
 func TestSelfCheckInboundHooks(t *testing.T) {
 	view := &fakeView{inbound: datapath.InboundSkLookup}
 	a, _ := newDebugAgent(t, view)
@@ -249,8 +250,15 @@ func TestSelfCheckInboundHooks(t *testing.T) {
 	if r := row(); !r.OK || !strings.Contains(r.Detail, "sk_lookup program") {
 		t.Fatalf("healthy sk_lookup pod: %+v", r)
 	}
+	// No listener in the pod yet: nothing of meshlane is wrong.
 	view.inboundErr = fmt.Errorf("%w on port 15006", datapath.ErrListenerNotRegistered)
-	if r := row(); r.OK || !strings.Contains(r.Fix, "plain TCP") {
+	if r := row(); !r.OK || !strings.Contains(r.Detail, "not listening on :15006 yet") {
+		t.Fatalf("no sidecar listener: %+v, want a pass that says the sidecar is not listening yet", r)
+	}
+	// A listener up but not registered (an MPTCP one whose fallback failed).
+	ln := p.ns.Listen(t, "tcp4", "0.0.0.0:15006")
+	defer ln.Close()
+	if r := row(); r.OK || !strings.Contains(r.Fix, "MPTCP") {
 		t.Fatalf("unregistered listener: %+v, want a fix about the sidecar's listener", r)
 	}
 	view.inboundErr = errors.New("sk_lookup link of the pod netns: no such file")

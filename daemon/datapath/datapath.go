@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
@@ -33,7 +34,7 @@ const DefaultBPFFS = "/sys/fs/bpf/meshlane"
 // connection once it is established; version 3's connections from other
 // nodes, which tc rewrote packet by packet, are the exception (see
 // legacyEgress).
-const LayoutVersion = 6
+const LayoutVersion = 7
 
 // Options configure Load.
 type Options struct {
@@ -71,13 +72,26 @@ type Datapath struct {
 	counterNames []string
 
 	// inbound is the hook mode settled at load: InboundTCX, InboundTC or
-	// InboundSkLookup.
-	inbound string
+	// InboundSkLookup; device is how the tc program goes on an interface
+	// on this kernel (InboundTCX or InboundTC), in sk_lookup mode for the
+	// pods whose listener it cannot hold.
+	inbound, device string
 
-	// listeners is the listener iterator (sk_lookup mode only);
-	// listenersMu makes its runs one at a time.
-	listenersMu sync.Mutex
-	listeners   *bpf.ListenersObjects
+	// In sk_lookup mode: listeners is the listener iterator; skMu
+	// serializes what follows a pod's link (the listener walk, the
+	// fallback, the detach) with watchListeners' goroutines; skPods are
+	// the pods with an sk_lookup link, fellBack those of them with the tc
+	// fallback, hadListener those whose inbound listener was registered
+	// at the last look (healListeners); unregistered, skStop and skWG run
+	// watchListeners, from Attach on.
+	listeners    *bpf.ListenersObjects
+	skMu         sync.Mutex
+	skPods       map[uint64]Pod
+	fellBack     map[uint64]bool
+	hadListener  map[uint64]bool
+	unregistered *ringbuf.Reader
+	skStop       chan struct{}
+	skWG         sync.WaitGroup
 }
 
 // Link names, also their pin file names.
@@ -157,7 +171,8 @@ func LoadDetached(opts Options) (*Datapath, error) {
 	if err := spec.Variables["enable_sockmap"].Set(boolByte(opts.Sockmap)); err != nil {
 		return nil, fmt.Errorf("datapath: set enable_sockmap: %w", err)
 	}
-	if err := spec.Variables["register_listeners"].Set(boolByte(opts.Inbound == InboundSkLookup)); err != nil {
+	wantSkLookup := opts.Inbound == InboundSkLookup || opts.Inbound == InboundAuto || opts.Inbound == ""
+	if err := spec.Variables["register_listeners"].Set(boolByte(wantSkLookup)); err != nil {
 		return nil, fmt.Errorf("datapath: set register_listeners: %w", err)
 	}
 	for name, m := range spec.Maps {
@@ -171,7 +186,8 @@ func LoadDetached(opts Options) (*Datapath, error) {
 		return nil, err
 	}
 
-	d := &Datapath{opts: opts, links: map[string]link.Link{}, counterNames: names}
+	d := &Datapath{opts: opts, links: map[string]link.Link{}, counterNames: names,
+		skPods: map[uint64]Pod{}, fellBack: map[uint64]bool{}, hadListener: map[uint64]bool{}}
 	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{
 		Maps: ebpf.MapOptions{PinPath: opts.mapsDir()},
 	})
@@ -185,7 +201,7 @@ func LoadDetached(opts Options) (*Datapath, error) {
 		}
 		return nil, fmt.Errorf("datapath: load programs: %w", err)
 	}
-	if d.inbound, err = resolveInbound(opts.Inbound, d.objs.MeshlaneTcIngress); err != nil {
+	if d.inbound, d.device, err = resolveInbound(opts.Inbound, d.objs.MeshlaneTcIngress); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -193,13 +209,20 @@ func LoadDetached(opts Options) (*Datapath, error) {
 	case InboundTC:
 		opts.Logger.Info("inbound hooks: classic tc filters (this kernel has no tcx, or --inbound-hooks tc)")
 	case InboundSkLookup:
-		// Loaded now, so that a kernel without it fails the start, not
-		// the first pod meshed late.
+		// Loaded now, so that a kernel without it fails the start (or
+		// turns auto to the tc program), not the first pod meshed late.
 		if d.listeners, err = loadListeners(d.objs.MeshlaneListeners); err != nil {
-			d.Close()
-			return nil, fmt.Errorf("%w (--inbound-hooks sk_lookup needs it: run with tcx or tc)", err)
+			if opts.Inbound == InboundSkLookup {
+				d.Close()
+				return nil, fmt.Errorf("%w (--inbound-hooks sk_lookup needs it: run with auto, tcx or tc)", err)
+			}
+			opts.Logger.Warn("inbound hooks: no sk_lookup without a TCP socket iterator; the tc program goes on each meshed pod's interface",
+				zap.String("hook", d.device), zap.Error(err))
+			d.inbound = d.device
+			break
 		}
-		opts.Logger.Info("inbound hooks: sk_lookup on each meshed pod's network namespace")
+		opts.Logger.Info("inbound hooks: sk_lookup on each meshed pod's network namespace, the tc program where a listener cannot be registered",
+			zap.String("fallback", d.device))
 	}
 	// Listeners registered by an agent in sk_lookup mode keep a psock
 	// each for nothing in the other modes: release them.
@@ -222,6 +245,11 @@ func LoadDetached(opts Options) (*Datapath, error) {
 func (d *Datapath) Attach() error {
 	if err := d.attach(); err != nil {
 		return err
+	}
+	if d.inbound == InboundSkLookup && d.skStop == nil {
+		if err := d.watchListeners(); err != nil {
+			return err
+		}
 	}
 	old, err := filepath.Glob(filepath.Join(d.opts.BPFFS, "maps-v*"))
 	if err != nil {
@@ -434,6 +462,7 @@ func (d *Datapath) Close() error {
 	for _, l := range d.links {
 		errs = append(errs, l.Close())
 	}
+	errs = append(errs, d.stopWatchingListeners())
 	if d.listeners != nil {
 		errs = append(errs, d.listeners.Close())
 	}

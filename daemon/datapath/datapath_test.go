@@ -217,7 +217,7 @@ func TestLoadErrors(t *testing.T) {
 // size, which the counter enum sets. When this test fails, a map
 // layout changed: bump LayoutVersion (so pins of the old layout are never
 // reused) and update both.
-const layoutGolden = "ab953e095936d446"
+const layoutGolden = "bf69a252094f0ffd"
 
 func TestLayoutVersion(t *testing.T) {
 	spec, err := bpf.LoadMeshlane()
@@ -246,8 +246,8 @@ func TestLayoutVersion(t *testing.T) {
 		}
 	}
 	sum := hex.EncodeToString(h.Sum(nil))[:16]
-	if sum != layoutGolden || datapath.LayoutVersion != 6 {
-		t.Fatalf("map layout digest %s at LayoutVersion %d; golden %s at 6: a layout changed, bump LayoutVersion and update layoutGolden", sum, datapath.LayoutVersion, layoutGolden)
+	if sum != layoutGolden || datapath.LayoutVersion != 7 {
+		t.Fatalf("map layout digest %s at LayoutVersion %d; golden %s at 7: a layout changed, bump LayoutVersion and update layoutGolden", sum, datapath.LayoutVersion, layoutGolden)
 	}
 }
 
@@ -355,15 +355,19 @@ func TestUpgradeAcrossLayouts(t *testing.T) {
 	}
 }
 
-// TestInboundNeedsEthernet: a pod whose interface has no Ethernet header
-// (here a tun device) is refused with an error that says so, and the
-// maps are left as they were: no pod is meshed with its inbound from other
-// nodes bypassing the sidecar. An interface that does not exist is refused
-// the same way.
+// TestInboundNeedsEthernet: with the tc program on pod interfaces (tcx
+// here), a pod whose interface has no Ethernet header (a tun device) is
+// refused with an error that says so, and the maps are left as they were:
+// no pod is meshed with its inbound from other nodes bypassing the
+// sidecar. An interface that does not exist is refused the same way. The
+// default sk_lookup hook, on the pod's netns, takes the tun pod.
 func TestInboundNeedsEthernet(t *testing.T) {
 	testenv.RequireRoot(t)
 	cg := testenv.TempCgroup(t)
-	d := load(t, filepath.Join(testenv.BPFFS(t), "meshlane"), cg.Path, false)
+	d, err := datapath.Load(datapath.Options{BPFFS: filepath.Join(testenv.BPFFS(t), "meshlane"), CgroupPath: cg.Path, Inbound: datapath.InboundTCX})
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { d.Uninstall() })
 	nsPath, err := testenv.CreateNetns("l3")
 	if err != nil {
@@ -389,5 +393,21 @@ func TestInboundNeedsEthernet(t *testing.T) {
 		if got := entries(t, d); got["meshlane_pods"] != 0 || got["meshlane_ports"] != 0 || got["meshlane_podips"] != 0 || got["meshlane_cidrs"] != 0 {
 			t.Fatalf("%s: a refused pod left %v", c.ifname, got)
 		}
+	}
+
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d = load(t, filepath.Join(testenv.BPFFS(t), "meshlane"), cg.Path, false)
+	if got := d.InboundMode(); got != datapath.InboundSkLookup {
+		t.Fatalf("default inbound mode %q, want %q", got, datapath.InboundSkLookup)
+	}
+	p := pod(7, "198.18.0.7")
+	p.Interface = datapath.PodInterface{Netns: nsPath, Name: "tun0"}
+	if err := d.AddPod(p); err != nil {
+		t.Fatalf("sk_lookup: a pod on tun0: %v", err)
+	}
+	if err := d.DeletePod(p); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -21,8 +21,10 @@ import (
 // outside a pod to its inbound listener attaches: the tc program on the
 // pod's interface, or the sk_lookup program on its network namespace.
 const (
-	// InboundAuto uses tcx where the kernel has it (6.6) and tc otherwise;
-	// an empty mode means the same.
+	// InboundAuto uses sk_lookup where the kernel has a TCP socket
+	// iterator (Linux >= 5.9 with BTF), with the tc program as the
+	// fallback for listeners sk_lookup cannot hold; else tcx where the
+	// kernel has it (6.6), else tc. An empty mode means the same.
 	InboundAuto = "auto"
 	// InboundTCX attaches with tcx bpf links, pinned per pod so they
 	// outlive the agent and take new programs in place.
@@ -32,10 +34,11 @@ const (
 	InboundTC = "tc"
 	// InboundSkLookup attaches the sk_lookup program to each meshed pod's
 	// network namespace with a pinned netns link (Linux >= 5.9), without
-	// the rtnl lock or a device: about 0.1 ms, where a tcx attach waits
+	// the rtnl lock or a device: about 0.06 ms, where a tcx attach waits
 	// for an RCU grace period. It hands connections to the listeners
-	// registered in meshlane_listeners, which holds plain TCP sockets only
-	// (not MPTCP ones).
+	// registered in meshlane_listeners, which holds plain TCP sockets
+	// only; a pod whose listener is an MPTCP socket gets the tc program on
+	// its interface as well (the fallback).
 	InboundSkLookup = "sk_lookup"
 )
 
@@ -84,45 +87,55 @@ func (d *Datapath) attachInbound(p Pod, fresh bool) error {
 	if p.Interface.Name == "" {
 		return nil
 	}
-	var err error
-	switch d.inbound {
-	case InboundSkLookup:
+	if d.inbound == InboundSkLookup {
 		return d.attachSkLookup(p, fresh)
-	case InboundTC:
-		err = d.attachTC(p)
-	default:
-		err = d.attachTCX(p)
 	}
-	if err != nil {
+	if err := d.attachDevice(p); err != nil {
 		return err
 	}
 	// After a switch from sk_lookup, once the device hook is in place.
 	return d.removeSkLookup(p)
 }
 
+// attachDevice puts the tc program on the pod's interface the way this
+// kernel allows (d.device): as the inbound hook in the tcx and tc modes, as
+// the fallback for a listener sk_lookup cannot hold in sk_lookup mode.
+func (d *Datapath) attachDevice(p Pod) error {
+	if d.device == InboundTC {
+		return d.attachTC(p)
+	}
+	return d.attachTCX(p)
+}
+
 // resolveInbound settles the hook mode at load, so that every pod of this
-// datapath, its detach and its check use one mode. A tcx attach to an
-// interface that does not exist tells the two kernels apart: ENODEV where
-// tcx exists, ErrNotSupported where it does not.
-func resolveInbound(mode string, prog *ebpf.Program) (string, error) {
+// datapath, its detach and its check use one mode, and how a tc program
+// goes on an interface here (device: tcx or tc), for the tcx and tc modes
+// and for sk_lookup's fallback. A tcx attach to an interface that does not
+// exist tells the two kernels apart: ENODEV where tcx exists,
+// ErrNotSupported where it does not.
+func resolveInbound(mode string, prog *ebpf.Program) (inbound, device string, err error) {
 	switch mode {
-	case "", InboundAuto, InboundTCX:
-	case InboundTC, InboundSkLookup:
-		return mode, nil
+	case "", InboundAuto, InboundTCX, InboundSkLookup:
+	case InboundTC:
+		return InboundTC, InboundTC, nil
 	default:
-		return "", fmt.Errorf("datapath: unknown inbound hook mode %q: use %q, %q, %q or %q", mode, InboundAuto, InboundTCX, InboundTC, InboundSkLookup)
+		return "", "", fmt.Errorf("datapath: unknown inbound hook mode %q: use %q, %q, %q or %q", mode, InboundAuto, InboundTCX, InboundTC, InboundSkLookup)
 	}
 	l, err := link.AttachTCX(link.TCXOptions{Interface: 1 << 30, Program: prog, Attach: ebpf.AttachTCXIngress})
 	if err == nil {
 		l.Close()
 	}
-	if !errors.Is(err, ebpf.ErrNotSupported) {
-		return InboundTCX, nil
+	device = InboundTCX
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		device = InboundTC
 	}
-	if mode == InboundTCX {
-		return "", fmt.Errorf("datapath: this kernel has no tcx (Linux >= 6.6): start with --inbound-hooks tc or auto")
+	switch {
+	case mode == InboundSkLookup || mode == InboundAuto || mode == "":
+		return InboundSkLookup, device, nil
+	case mode == InboundTCX && device != InboundTCX:
+		return "", "", fmt.Errorf("datapath: this kernel has no tcx (Linux >= 6.6): start with --inbound-hooks tc or auto")
 	}
-	return InboundTC, nil
+	return device, device, nil
 }
 
 // InboundMode is the hook mode in use: tcx, tc or sk_lookup.
@@ -278,16 +291,26 @@ func (d *Datapath) removeTCFilters(h *netlink.Handle, ifindex int, ifname string
 	return errors.Join(errs...)
 }
 
-// detachInbound removes the pod's tc program: its pinned tcx link (the
-// kernel detaches a link once its last pin and handle are gone) or its
-// classic filter while the interface still exists. A pod whose netns is
-// gone has lost its interface and its hooks with it.
+// detachInbound removes the pod's inbound hooks: its pinned tcx or
+// sk_lookup link (the kernel detaches a link once its last pin and handle
+// are gone) or its classic filter while the interface still exists. A pod
+// whose netns is gone has lost its interface and its hooks with it.
 func (d *Datapath) detachInbound(p Pod) error {
+	if d.inbound == InboundSkLookup {
+		// No fallback for this pod from here on.
+		d.skMu.Lock()
+		defer d.skMu.Unlock()
+		delete(d.skPods, p.NetnsCookie)
+		delete(d.fellBack, p.NetnsCookie)
+		delete(d.hadListener, p.NetnsCookie)
+	}
 	err := os.RemoveAll(d.opts.inboundDir(p.NetnsCookie))
 	if err != nil {
 		err = fmt.Errorf("datapath: remove the inbound hooks of pod %d: %w", p.NetnsCookie, err)
 	}
-	if p.Interface.Name == "" || d.inbound != InboundTC {
+	// Classic filters: the tc mode's, or sk_lookup's fallback on a kernel
+	// without tcx.
+	if p.Interface.Name == "" || d.device != InboundTC {
 		return err
 	}
 	h, l, herr := tcHandle(p.Interface)
@@ -427,18 +450,28 @@ func eachPinnedMap(bpffs, name string, fn func(*ebpf.Map) error) error {
 	return errors.Join(errs...)
 }
 
-// InboundHooks checks that the pod's tc program is in place: its pinned
-// tcx link attached to an interface, or its classic filter on it. The
-// error says what is missing.
-func (d *Datapath) InboundHooks(p Pod) error {
+// InboundHooks checks that the pod's inbound hook is in place: its pinned
+// tcx link attached to an interface, its classic filter on it, or its
+// sk_lookup link with the listener registered (or the tc fallback). It
+// says what it found, or the error says what is missing.
+func (d *Datapath) InboundHooks(p Pod) (string, error) {
 	if p.Interface.Name == "" {
-		return errors.New("no pod interface recorded: connections from other nodes are not redirected")
+		return "", errors.New("no pod interface recorded: connections from other nodes are not redirected")
 	}
-	switch d.inbound {
-	case InboundTC:
-		return d.tcFiltersPresent(p)
-	case InboundSkLookup:
+	if d.inbound == InboundSkLookup {
 		return d.skLookupHook(p)
+	}
+	if err := d.deviceHook(p); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s ingress program on %s", d.device, p.Interface.Name), nil
+}
+
+// deviceHook checks for the tc program on the pod's interface, put there
+// the way d.device says.
+func (d *Datapath) deviceHook(p Pod) error {
+	if d.device == InboundTC {
+		return d.tcFiltersPresent(p)
 	}
 	l, err := link.LoadPinnedLink(filepath.Join(d.opts.inboundDir(p.NetnsCookie), ingressPin), nil)
 	if err != nil {

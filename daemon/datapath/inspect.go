@@ -99,8 +99,11 @@ func (d *Datapath) Info() Info {
 		tcx.Available = false
 		tcx.Detail = "not in use (no tcx on this kernel, or --inbound-hooks tc): a classic clsact filter carries the same program; uninstall finds it by walking the network namespaces"
 	case InboundSkLookup:
-		tcx.Available = false
-		tcx.Detail = "not in use: --inbound-hooks sk_lookup"
+		tcx.Detail = "the fallback for pods whose inbound listener sk_lookup cannot hold (MPTCP), pinned per pod under " + inboundRoot(d.opts.BPFFS)
+		if d.device != InboundTCX {
+			tcx.Available = false
+			tcx.Detail = "not on this kernel: the fallback for pods whose inbound listener sk_lookup cannot hold (MPTCP) is a classic clsact filter"
+		}
 		info.Features = append(info.Features, Feature{Name: "sk_lookup links on pod network namespaces, TCP listener iterator (Linux >= 5.9 with BTF)",
 			Available: true, Detail: "in use: pinned per pod under " + inboundRoot(d.opts.BPFFS)})
 	}

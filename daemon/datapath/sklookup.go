@@ -1,16 +1,19 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
@@ -24,11 +27,14 @@ import (
 const skLookupPin = "sk_lookup"
 
 // attachSkLookup attaches the sk_lookup program to the pod's network
-// namespace, or swaps this datapath's program into the link already there;
-// unless the pod is fresh (AddPod), it then removes the device hooks of the
-// other modes and registers the inbound listeners already open. A netns
-// link attaches without the rtnl lock and without waiting for an RCU grace
-// period, unlike a tcx link: about 0.06 ms against 12 ms.
+// namespace, or swaps this datapath's program into the link already there.
+// Unless the pod is fresh (AddPod), it then registers the inbound listeners
+// already open and settles the pod's device hook: the tc fallback if a
+// listener cannot be registered (MPTCP), none otherwise (a switch from the
+// tcx or tc mode leaves one, removed only now, so no connection slips
+// through in between). A netns link attaches without the rtnl lock and
+// without waiting for an RCU grace period, unlike a tcx link: about 0.06 ms
+// against 12 ms.
 func (d *Datapath) attachSkLookup(p Pod, fresh bool) error {
 	dir := d.opts.inboundDir(p.NetnsCookie)
 	pin := filepath.Join(dir, skLookupPin)
@@ -52,18 +58,150 @@ func (d *Datapath) attachSkLookup(p Pod, fresh bool) error {
 	default:
 		return fmt.Errorf("datapath: open pinned sk_lookup hook of pod %d at %s: %w (remove it to re-attach)", p.NetnsCookie, pin, err)
 	}
+	d.skMu.Lock()
+	defer d.skMu.Unlock()
+	d.skPods[p.NetnsCookie] = p
 	if fresh {
 		return nil
 	}
-	if err := d.removeDeviceHooks(p); err != nil {
-		return err
+	failed, err := d.registerListeners(p)
+	switch {
+	case err != nil:
+		// Not a reason to refuse the pod (its outbound and same-node
+		// redirection work); a device hook already there stays.
+		d.opts.Logger.Warn("inbound listeners of the pod not registered for sk_lookup", zap.Uint64("netns_cookie", p.NetnsCookie), zap.Error(err))
+		return nil
+	case failed > 0:
+		d.fallback(p)
+		return nil
 	}
-	// Not a reason to refuse the pod: its outbound and same-node
-	// redirection work, `meshlanectl check` names the missing listener.
-	if err := d.registerListeners(p); err != nil {
-		d.opts.Logger.Warn("inbound listener not registered for sk_lookup", zap.Uint64("netns_cookie", p.NetnsCookie), zap.Error(err))
+	delete(d.fellBack, p.NetnsCookie)
+	return d.removeDeviceHooks(p)
+}
+
+// fallback puts the tc program on the interface of a pod whose inbound
+// listener sk_lookup cannot be handed (an MPTCP socket: the kernel keeps
+// those out of sockmaps); tc looks listeners up by address. Failing that,
+// connections from other nodes to the pod stay dropped, never passed to the
+// app; the log and `meshlanectl check` say so. Called with skMu held.
+func (d *Datapath) fallback(p Pod) {
+	log := d.opts.Logger.With(zap.Uint64("netns_cookie", p.NetnsCookie), zap.Uint16("port", p.InboundPort), zap.String("hook", d.device))
+	if err := d.attachDevice(p); err != nil {
+		log.Error("the pod's inbound listener cannot be registered for sk_lookup (MPTCP?) and its tc fallback failed: connections from other nodes to the pod are dropped",
+			zap.Error(err))
+		return
 	}
+	d.fellBack[p.NetnsCookie] = true
+	log.Info("the pod's inbound listener cannot be registered for sk_lookup (an MPTCP socket?): its interface got the tc program, which steers to it")
+}
+
+// healInterval is how often the datapath looks for meshed pods that lost
+// their registered inbound listener: with SO_REUSEPORT only the last
+// listener of the group to open is registered, and if it closes while the
+// others stay open, connections from other nodes are dropped until a walk
+// of the pod's sockets registers one of those. A look is a map lookup per
+// pod.
+const healInterval = 2 * time.Second
+
+// watchListeners starts the two sk_lookup helpers: the reader of
+// meshlane_unregistered, where sockops reports the inbound listeners it
+// could not register (their pods get the tc fallback), and the periodic
+// walk of the pods left without a registered listener.
+func (d *Datapath) watchListeners() error {
+	rd, err := ringbuf.NewReader(d.objs.MeshlaneUnregistered)
+	if err != nil {
+		return fmt.Errorf("datapath: read meshlane_unregistered: %w", err)
+	}
+	d.unregistered, d.skStop = rd, make(chan struct{})
+	d.skWG.Add(2)
+	go func() {
+		defer d.skWG.Done()
+		for {
+			rec, err := rd.Read()
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			var k bpf.MeshlaneMlListenerKey
+			if err == nil {
+				_, err = binary.Decode(rec.RawSample, binary.NativeEndian, &k)
+			}
+			if err != nil {
+				d.opts.Logger.Warn("unreadable record in meshlane_unregistered", zap.Error(err))
+				continue
+			}
+			d.skMu.Lock()
+			if p, ok := d.skPods[k.Netns]; ok {
+				d.fallback(p)
+			}
+			d.skMu.Unlock()
+		}
+	}()
+	go func() {
+		defer d.skWG.Done()
+		t := time.NewTicker(healInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-d.skStop:
+				return
+			case <-t.C:
+				d.healListeners()
+			}
+		}
+	}()
 	return nil
+}
+
+// stopWatchingListeners ends what watchListeners started.
+func (d *Datapath) stopWatchingListeners() error {
+	if d.skStop == nil {
+		return nil
+	}
+	close(d.skStop)
+	err := d.unregistered.Close()
+	d.skWG.Wait()
+	d.skStop, d.unregistered = nil, nil
+	return err
+}
+
+// healListeners walks the sockets of each pod that lost its registered
+// inbound listener since the last look (a registered SO_REUSEPORT listener
+// closed, or the sidecar restarts). A pod whose sidecar is not listening
+// yet, or never did, costs a map lookup, not a walk: a walk covers the
+// node's whole TCP hash tables (about 1 ms), and sockops registers the
+// next listener that opens anyway. One pod at a time, so that a pod's DEL
+// never waits for more than one walk.
+func (d *Datapath) healListeners() {
+	d.skMu.Lock()
+	pods := make([]Pod, 0, len(d.skPods))
+	for cookie, p := range d.skPods {
+		if !d.fellBack[cookie] {
+			pods = append(pods, p)
+		}
+	}
+	d.skMu.Unlock()
+	for _, p := range pods {
+		ok, err := d.RegisteredListener(p)
+		if err != nil {
+			continue
+		}
+		d.skMu.Lock()
+		_, still := d.skPods[p.NetnsCookie]
+		lost := still && !ok && d.hadListener[p.NetnsCookie]
+		if still {
+			d.hadListener[p.NetnsCookie] = ok
+		}
+		if lost && !d.fellBack[p.NetnsCookie] {
+			failed, err := d.registerListeners(p)
+			if err == nil && failed > 0 {
+				d.fallback(p)
+			}
+			if ok, err := d.RegisteredListener(p); err == nil {
+				d.hadListener[p.NetnsCookie] = ok
+			}
+		}
+		d.skMu.Unlock()
+	}
 }
 
 func (d *Datapath) newSkLookupLink(p Pod, dir, pin string) error {
@@ -89,9 +227,8 @@ func (d *Datapath) newSkLookupLink(p Pod, dir, pin string) error {
 	return nil
 }
 
-// removeDeviceHooks removes what tcx and tc modes put on the pod's
-// interface, after a switch to sk_lookup: the new hook is in place first,
-// so no connection slips through between the two.
+// removeDeviceHooks removes what the tcx and tc modes, or sk_lookup's
+// fallback, put on the pod's interface.
 func (d *Datapath) removeDeviceHooks(p Pod) error {
 	dir := d.opts.inboundDir(p.NetnsCookie)
 	for _, name := range []string{ingressPin, legacyEgress} {
@@ -134,22 +271,20 @@ var ErrListenersUnsupported = errors.New("this kernel has no BPF iterator over T
 
 // registerListeners walks the TCP sockets of the pod's network namespace
 // and puts its open inbound listeners into meshlane_listeners, which
-// sockops fills only as listeners open. A listener the kernel cannot hold
-// in a sockhash (MPTCP) is logged: sk_lookup drops the connections from
-// other nodes that it would have taken.
-func (d *Datapath) registerListeners(p Pod) error {
-	d.listenersMu.Lock()
-	defer d.listenersMu.Unlock()
+// sockops fills only as listeners open. failed counts the listeners the
+// kernel refused (MPTCP). Called with skMu held, which also makes the
+// iterator's runs (and its variables) one at a time.
+func (d *Datapath) registerListeners(p Pod) (failed uint32, err error) {
 	v := d.listeners.ListenersVariables
 	for _, set := range []error{v.WantNetns.Set(p.NetnsCookie), v.WantPort.Set(p.InboundPort),
 		v.Registered.Set(uint32(0)), v.Failed.Set(uint32(0))} {
 		if set != nil {
-			return fmt.Errorf("datapath: set the listener iterator's pod: %w", set)
+			return 0, fmt.Errorf("datapath: set the listener iterator's pod: %w", set)
 		}
 	}
 	it, err := link.AttachIter(link.IterOptions{Program: d.listeners.MeshlaneRegisterListeners})
 	if err != nil {
-		return fmt.Errorf("datapath: attach the listener iterator: %w", err)
+		return 0, fmt.Errorf("datapath: attach the listener iterator: %w", err)
 	}
 	defer it.Close()
 	// A TCP iterator walks the network namespace of the task that opens
@@ -164,19 +299,12 @@ func (d *Datapath) registerListeners(p Pod) error {
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("datapath: walk the listeners of pod netns %s: %w", p.Interface.Netns, err)
+		return 0, fmt.Errorf("datapath: walk the listeners of pod netns %s: %w", p.Interface.Netns, err)
 	}
-	var failed uint32
 	if err := v.Failed.Get(&failed); err != nil {
-		return fmt.Errorf("datapath: read the listener iterator's result: %w", err)
+		return 0, fmt.Errorf("datapath: read the listener iterator's result: %w", err)
 	}
-	if failed > 0 {
-		return fmt.Errorf("datapath: %d inbound listener(s) on port %d of pod %d cannot be registered for sk_lookup "+
-			"(an MPTCP socket? Go >= 1.24 listens with MPTCP by default): connections from other nodes to the pod are dropped; "+
-			"have the sidecar listen with plain TCP or run the agent with --inbound-hooks tcx or tc",
-			failed, p.InboundPort, p.NetnsCookie)
-	}
-	return nil
+	return failed, nil
 }
 
 // loadListeners loads the iterator with the datapath's meshlane_listeners
@@ -240,32 +368,36 @@ func (d *Datapath) forgetListeners(p Pod) error {
 }
 
 // ErrListenerNotRegistered: in sk_lookup mode, meshlane_listeners holds
-// no inbound listener of the pod.
+// no inbound listener of the pod, and no tc fallback is on its interface.
 var ErrListenerNotRegistered = errors.New("no inbound listener registered for sk_lookup")
 
 // skLookupHook checks that the pod's sk_lookup link is pinned and attached
 // to a network namespace, and that the sidecar's inbound listener is
-// registered for it.
-func (d *Datapath) skLookupHook(p Pod) error {
+// registered for it, or else that the tc fallback is on the interface.
+func (d *Datapath) skLookupHook(p Pod) (string, error) {
 	l, err := link.LoadPinnedLink(filepath.Join(d.opts.inboundDir(p.NetnsCookie), skLookupPin), nil)
 	if err != nil {
-		return fmt.Errorf("sk_lookup link of the pod netns: %w", err)
+		return "", fmt.Errorf("sk_lookup link of the pod netns: %w", err)
 	}
 	info, err := l.Info()
 	l.Close()
 	if err != nil {
-		return fmt.Errorf("sk_lookup link of the pod netns: %w", err)
+		return "", fmt.Errorf("sk_lookup link of the pod netns: %w", err)
 	}
 	if n := info.NetNs(); n == nil || n.NetnsInode == 0 {
-		return errors.New("sk_lookup link is pinned but attached to no network namespace")
+		return "", errors.New("sk_lookup link is pinned but attached to no network namespace")
 	}
 	ok, err := d.RegisteredListener(p)
 	if err != nil {
-		return err
+		return "", err
 	}
-	if !ok {
-		return fmt.Errorf("%w on port %d (the sidecar is not listening yet, or listens with MPTCP, which cannot be registered): "+
-			"connections from other nodes to the pod are dropped", ErrListenerNotRegistered, p.InboundPort)
+	if ok {
+		return fmt.Sprintf("sk_lookup program on the pod's network namespace, inbound listener :%d registered", p.InboundPort), nil
 	}
-	return nil
+	if d.deviceHook(p) == nil {
+		return fmt.Sprintf("sk_lookup program on the pod's network namespace; its inbound listener :%d cannot be registered (MPTCP?), "+
+			"so the %s ingress program on %s steers to it", p.InboundPort, d.device, p.Interface.Name), nil
+	}
+	return "", fmt.Errorf("%w on port %d, and no tc fallback (the sidecar is not listening yet, or the fallback for an MPTCP listener failed: "+
+		"see the agent's log): connections from other nodes to the pod are dropped", ErrListenerNotRegistered, p.InboundPort)
 }

@@ -67,7 +67,7 @@ func TestSkLookupListenerOpenBeforeMesh(t *testing.T) {
 	if got := n.counters()["listener_registered"] - before["listener_registered"]; got != 0 {
 		t.Fatalf("sockops registered %d listeners of a pod meshed after they opened, want 0 (the iterator's job)", got)
 	}
-	if err := n.dp.InboundHooks(p); err != nil {
+	if _, err := n.dp.InboundHooks(p); err != nil {
 		t.Fatalf("inbound hooks: %v", err)
 	}
 	if got := skLookupPrograms(t, b); got != 1 {
@@ -86,7 +86,7 @@ func TestSkLookupListenerRegisteredAtListen(t *testing.T) {
 	if ok, err := n.dp.RegisteredListener(p); err != nil || ok {
 		t.Fatalf("listener registered before the sidecar runs: %v, %v", ok, err)
 	}
-	if err := n.dp.InboundHooks(p); err == nil || !strings.Contains(err.Error(), "no inbound listener") {
+	if _, err := n.dp.InboundHooks(p); err == nil || !strings.Contains(err.Error(), "no inbound listener") {
 		t.Fatalf("inbound hooks without a sidecar: %v, want no inbound listener", err)
 	}
 	before := n.counters()
@@ -95,35 +95,51 @@ func TestSkLookupListenerRegisteredAtListen(t *testing.T) {
 	if got := n.counters()["listener_registered"] - before["listener_registered"]; got != 2 {
 		t.Fatalf("sockops registered %d listeners, want 2 (inbound, IPv4 and IPv6)", got)
 	}
-	if err := n.dp.InboundHooks(p); err != nil {
-		t.Fatalf("inbound hooks: %v", err)
+	if detail, err := n.dp.InboundHooks(p); err != nil || !strings.Contains(detail, ":15006 registered") {
+		t.Fatalf("inbound hooks: %q, %v", detail, err)
 	}
 }
 
-// TestSkLookupMPTCPListener: the kernel cannot put an MPTCP listener in a
-// sockhash. Connections from other nodes are then dropped (never handed
-// to the app around the sidecar), the failure is counted, and the check
-// names the cause.
-func TestSkLookupMPTCPListener(t *testing.T) {
+// TestSkLookupMPTCPFallback: the kernel cannot put an MPTCP listener in a
+// sockhash. sockops counts and reports it; the datapath then puts the tc
+// program on the pod's interface, which steers to any listener, so
+// connections from other nodes reach the sidecar all the same. A restart
+// finds the listener unregistrable again and keeps the fallback.
+func TestSkLookupMPTCPFallback(t *testing.T) {
 	n := newNodeInbound(t, false, datapath.InboundSkLookup)
 	b, r := n.pod("b"), n.pod("r")
 	p := n.meshInbound(b, mesh.Istio, nil)
 	n.server(b, "b", appPort)
 	before := n.counters()
-	n.sidecar(b, mesh.Istio, "--mptcp")
+	side := n.sidecar(b, mesh.Istio, "--mptcp")
 	if got := n.counters()["listener_register_failed"] - before["listener_register_failed"]; got == 0 {
 		t.Fatal("listener_register_failed did not count the MPTCP listener")
 	}
-	if err := n.dp.InboundHooks(p); err == nil || !strings.Contains(err.Error(), "MPTCP") {
-		t.Fatalf("inbound hooks: %v, want an error naming MPTCP", err)
+	fallback := func(t *testing.T) {
+		t.Helper()
+		var detail string
+		var err error
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			detail, err = n.dp.InboundHooks(p)
+			if err == nil && strings.Contains(detail, "cannot be registered") || time.Now().After(deadline) {
+				break
+			}
+		}
+		if err != nil || !strings.Contains(detail, "cannot be registered") {
+			t.Fatalf("inbound hooks: %q, %v; want the tc fallback", detail, err)
+		}
 	}
-	to := hostPort(b.IPv4, appPort)
-	if res, err := n.tryClient(remoteClient(t, r), to, "--timeout", "1s"); err == nil {
-		t.Fatalf("connected to %s around the sidecar: %+v", to, res)
+	fallback(t)
+	remote := remoteClient(t, r)
+	reachesSidecar(t, n, remote, b, side)
+
+	if err := n.dp.Close(); err != nil {
+		t.Fatal(err)
 	}
-	if got := n.counters()["remote_no_listener"] - before["remote_no_listener"]; got == 0 {
-		t.Fatal("remote_no_listener did not count the dropped connection")
-	}
+	reloadNode(t, n, false)
+	n.meshInbound(b, mesh.Istio, nil)
+	fallback(t)
+	reachesSidecar(t, n, remote, b, side)
 }
 
 // TestInboundModeSwitch: an agent restarted with another --inbound-hooks
@@ -148,7 +164,7 @@ func TestInboundModeSwitch(t *testing.T) {
 			n.inbound = mode
 			reloadNode(t, n, false)
 			n.meshInbound(b, mesh.Istio, nil)
-			if err := n.dp.InboundHooks(p); err != nil {
+			if _, err := n.dp.InboundHooks(p); err != nil {
 				t.Fatalf("inbound hooks: %v", err)
 			}
 			// An unpinned link detaches once the kernel frees the pin,
@@ -176,4 +192,47 @@ func boolInt(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// TestSkLookupReuseportSiblingTakesOver: of an SO_REUSEPORT group only
+// the listener opened last is registered. When it closes while another
+// stays open, the datapath's periodic walk registers the other, and
+// connections from other nodes reach it again.
+func TestSkLookupReuseportSiblingTakesOver(t *testing.T) {
+	n := newNodeInbound(t, false, datapath.InboundSkLookup)
+	b, r := n.pod("b"), n.pod("r")
+	p := n.meshInbound(b, mesh.Istio, nil)
+	n.server(b, "b", appPort)
+	first := n.sidecar(b, mesh.Istio, "--reuseport")
+	dir := testenv.ScratchDir(t)
+	ready := filepath.Join(dir, "ready")
+	second := b.Start(t, testenv.ProcOpts{UID: mesh.Istio.ProxyUID, GID: mesh.Istio.ProxyGID, Cgroup: n.cgroupOf(b),
+		Args: []string{n.bin, "sidecar", "--reuseport", "--events", filepath.Join(dir, "events"), "--ready", ready}})
+	if err := testenv.WaitFile(ready, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// Long enough for the datapath to have seen the pod's listener
+	// registered (it looks every 2 s): only a lost one is walked for.
+	time.Sleep(3 * time.Second)
+	// The registered listener is the second sidecar's: it goes, and with
+	// it the registration, which nothing but the walk gives back.
+	if err := second.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := n.dp.RegisteredListener(p); err != nil || ok {
+		t.Fatalf("listener registered %v (%v) right after the registered one closed, want false", ok, err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		ok, err := n.dp.RegisteredListener(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no inbound listener registered 10 s after the registered one closed while its sibling stayed")
+		}
+	}
+	reachesSidecar(t, n, remoteClient(t, r), b, first)
 }

@@ -39,10 +39,10 @@ func clientResults(t *testing.T, out []byte) []wire.ClientResult {
 // pod. Every connection reaches its inbound sidecar with the right original
 // destination, over IPv4 and IPv6, also while the agent is killed and
 // restarted; an excluded port is reached directly; DEL removes the pod's
-// inbound hook. Both with the default hooks (tcx) and with sk_lookup, whose
-// listener registry must survive the agent's restarts.
+// inbound hook. Both with the default hooks (sk_lookup, whose listener
+// registry must survive the agent's restarts) and with tcx.
 func TestRemoteNodePods(t *testing.T) {
-	for _, hooks := range []string{"auto", "sk_lookup"} {
+	for _, hooks := range []string{"auto", "tcx"} {
 		t.Run(hooks, func(t *testing.T) { testRemoteNodePods(t, hooks) })
 	}
 }
@@ -159,10 +159,10 @@ func testRemoteNodePods(t *testing.T, hooks string) {
 	if _, err := os.Stat(pins); err != nil {
 		t.Fatalf("the meshed pod's inbound hook is not pinned: %v", err)
 	}
-	if hooks == "sk_lookup" {
-		if _, err := os.Stat(filepath.Join(pins, "sk_lookup")); err != nil {
-			t.Fatalf("no sk_lookup link pinned for the meshed pod: %v", err)
-		}
+	// auto is sk_lookup on the kernels this runs on (BTF, TCP iterator).
+	pin := map[string]string{"auto": "sk_lookup", "tcx": "ingress"}[hooks]
+	if _, err := os.Stat(filepath.Join(pins, pin)); err != nil {
+		t.Fatalf("no %s link pinned for the meshed pod: %v", pin, err)
 	}
 	if err := e.node.DelPod(t.Context(), server); err != nil {
 		t.Fatal(err)
