@@ -43,8 +43,8 @@ struct {
  * the agent runs one walk at a time. */
 volatile __u64 want_netns;
 volatile __u16 want_port;
-/* What the last walk did, read back after it. */
-volatile __u32 registered;
+/* Listeners of the last walk the kernel refused (MPTCP), read back after
+ * it. */
 volatile __u32 failed;
 
 struct sock_common {
@@ -78,7 +78,5 @@ int meshlane_register_listeners(struct bpf_iter__tcp *ctx)
 	k.family = skc->skc_family;
 	if (bpf_map_update_elem(&meshlane_listeners, &k, skc, BPF_ANY))
 		failed++;
-	else
-		registered++;
 	return 0;
 }

@@ -29,7 +29,6 @@ const (
 	ListenersProgMeshlaneRegisterListeners = "meshlane_register_listeners"
 	ListenersVarFailed                     = "failed"
 	ListenersVarMlBtfListenerKey           = "ml_btf_listener_key"
-	ListenersVarRegistered                 = "registered"
 	ListenersVarWantNetns                  = "want_netns"
 	ListenersVarWantPort                   = "want_port"
 )
@@ -92,7 +91,6 @@ type ListenersMapSpecs struct {
 type ListenersVariableSpecs struct {
 	Failed           *ebpf.VariableSpec `ebpf:"failed"`
 	MlBtfListenerKey *ebpf.VariableSpec `ebpf:"ml_btf_listener_key"`
-	Registered       *ebpf.VariableSpec `ebpf:"registered"`
 	WantNetns        *ebpf.VariableSpec `ebpf:"want_netns"`
 	WantPort         *ebpf.VariableSpec `ebpf:"want_port"`
 }
@@ -132,7 +130,6 @@ func (m *ListenersMaps) Close() error {
 type ListenersVariables struct {
 	Failed           *ebpf.Variable `ebpf:"failed"`
 	MlBtfListenerKey *ebpf.Variable `ebpf:"ml_btf_listener_key"`
-	Registered       *ebpf.Variable `ebpf:"registered"`
 	WantNetns        *ebpf.Variable `ebpf:"want_netns"`
 	WantPort         *ebpf.Variable `ebpf:"want_port"`
 }

@@ -276,8 +276,7 @@ var ErrListenersUnsupported = errors.New("this kernel has no BPF iterator over T
 // iterator's runs (and its variables) one at a time.
 func (d *Datapath) registerListeners(p Pod) (failed uint32, err error) {
 	v := d.listeners.ListenersVariables
-	for _, set := range []error{v.WantNetns.Set(p.NetnsCookie), v.WantPort.Set(p.InboundPort),
-		v.Registered.Set(uint32(0)), v.Failed.Set(uint32(0))} {
+	for _, set := range []error{v.WantNetns.Set(p.NetnsCookie), v.WantPort.Set(p.InboundPort), v.Failed.Set(uint32(0))} {
 		if set != nil {
 			return 0, fmt.Errorf("datapath: set the listener iterator's pod: %w", set)
 		}
