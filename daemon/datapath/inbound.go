@@ -280,11 +280,21 @@ func tcFilter(ifindex int, parent uint32) *netlink.BpfFilter {
 }
 
 // removeTCFilters removes meshlane's classic filters from an interface:
-// the ingress one, and layout 3's egress one if it is still there.
-func (d *Datapath) removeTCFilters(h *netlink.Handle, ifindex int, ifname string) error {
+// the ingress one, and layout 3's egress one if it is still there. An
+// interface without a clsact qdisc has none (and the kernel answers a
+// filter delete there with EINVAL, not ENOENT): in sk_lookup mode only a
+// pod with the fallback has one.
+func (d *Datapath) removeTCFilters(h *netlink.Handle, l netlink.Link, ifname string) error {
+	qdiscs, err := h.QdiscList(l)
+	if err != nil {
+		return fmt.Errorf("datapath: list the qdiscs of %s: %w", ifname, err)
+	}
+	if !slices.ContainsFunc(qdiscs, func(q netlink.Qdisc) bool { return q.Type() == "clsact" }) {
+		return nil
+	}
 	var errs []error
 	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, legacyEgressParent} {
-		if err := h.FilterDel(tcFilter(ifindex, parent)); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := h.FilterDel(tcFilter(l.Attrs().Index, parent)); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("datapath: remove tc filter %x on %s: %w", parent, ifname, err))
 		}
 	}
@@ -318,7 +328,7 @@ func (d *Datapath) detachInbound(p Pod) error {
 		return err // the netns or the interface is gone, and the filters with it
 	}
 	defer h.Close()
-	return errors.Join(err, d.removeTCFilters(h, l.Attrs().Index, p.Interface.Name))
+	return errors.Join(err, d.removeTCFilters(h, l, p.Interface.Name))
 }
 
 // removeLegacyInbound removes the classic tc filters of this datapath from

@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -15,7 +14,6 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
@@ -244,14 +242,7 @@ func (d *Datapath) removeDeviceHooks(p Pod) error {
 		return nil // no such interface (any more), so no filter on it
 	}
 	defer h.Close()
-	qdiscs, err := h.QdiscList(l)
-	if err != nil {
-		return fmt.Errorf("datapath: list the qdiscs of %s: %w", p.Interface.Name, err)
-	}
-	if !slices.ContainsFunc(qdiscs, func(q netlink.Qdisc) bool { return q.Type() == "clsact" }) {
-		return nil // no clsact qdisc, so no classic filter
-	}
-	return d.removeTCFilters(h, l.Attrs().Index, p.Interface.Name)
+	return d.removeTCFilters(h, l, p.Interface.Name)
 }
 
 // removeSkLookup removes the pod's sk_lookup link after a switch to a

@@ -435,3 +435,27 @@ func TestInboundSyncookies(t *testing.T) {
 		})
 	}
 }
+
+// TestDetachWithoutClsact: a pod whose interface lost its clsact qdisc
+// (another tool removed it, or sk_lookup mode never put one there) is
+// still deleted cleanly: the kernel answers a filter delete there with
+// EINVAL, which must not fail the pod's DEL.
+func TestDetachWithoutClsact(t *testing.T) {
+	n := newNodeInbound(t, false, datapath.InboundTC)
+	b := n.pod("b")
+	p := n.meshInbound(b, mesh.Istio, nil)
+	err := testenv.InNetns(b.NetnsPath, func() error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		return netlink.QdiscDel(&netlink.GenericQdisc{QdiscType: "clsact",
+			QdiscAttrs: netlink.QdiscAttrs{LinkIndex: l.Attrs().Index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.dp.DeletePod(p); err != nil {
+		t.Fatalf("DEL of a pod without clsact: %v", err)
+	}
+}
