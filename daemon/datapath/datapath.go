@@ -171,8 +171,7 @@ func LoadDetached(opts Options) (*Datapath, error) {
 	if err := spec.Variables["enable_sockmap"].Set(boolByte(opts.Sockmap)); err != nil {
 		return nil, fmt.Errorf("datapath: set enable_sockmap: %w", err)
 	}
-	wantSkLookup := opts.Inbound == InboundSkLookup || opts.Inbound == InboundAuto || opts.Inbound == ""
-	if err := spec.Variables["register_listeners"].Set(boolByte(wantSkLookup)); err != nil {
+	if err := spec.Variables["register_listeners"].Set(boolByte(wantsSkLookup(opts.Inbound))); err != nil {
 		return nil, fmt.Errorf("datapath: set register_listeners: %w", err)
 	}
 	for name, m := range spec.Maps {

@@ -130,12 +130,18 @@ func resolveInbound(mode string, prog *ebpf.Program) (inbound, device string, er
 		device = InboundTC
 	}
 	switch {
-	case mode == InboundSkLookup || mode == InboundAuto || mode == "":
+	case wantsSkLookup(mode):
 		return InboundSkLookup, device, nil
 	case mode == InboundTCX && device != InboundTCX:
 		return "", "", fmt.Errorf("datapath: this kernel has no tcx (Linux >= 6.6): start with --inbound-hooks tc or auto")
 	}
 	return device, device, nil
+}
+
+// wantsSkLookup says whether mode asks for sk_lookup (auto does), which
+// the loader needs before it can probe the kernel for the rest.
+func wantsSkLookup(mode string) bool {
+	return mode == InboundSkLookup || mode == InboundAuto || mode == ""
 }
 
 // InboundMode is the hook mode in use: tcx, tc or sk_lookup.
