@@ -60,10 +60,12 @@ type config struct {
 	// attaches the cgroup programs to it.
 	CgroupScope string `json:"cgroupScope,omitempty"`
 	// Pods is how many pods the control workload adds and deletes.
-	Pods      int    `json:"pods"`
-	BulkBytes int    `json:"bulkBytes"`
-	Threads   int    `json:"wrkThreads"`
-	Out       string `json:"out"`
+	Pods      int `json:"pods"`
+	BulkBytes int `json:"bulkBytes"`
+	Threads   int `json:"wrkThreads"`
+	// Profile samples every measured wrk run with perf (see profile.go).
+	Profile bool   `json:"profile,omitempty"`
+	Out     string `json:"out"`
 	// Rerender names an earlier run's directory whose report is to be
 	// written again from its results.json; nothing is measured.
 	Rerender string `json:"-"`
@@ -177,6 +179,7 @@ func parseFlags(args []string) (config, error) {
 	sidecar := fs.String("sidecar", sidecarC, "sidecar in pods A and B: c (the C epoll one, lighter) or go (podbin sidecar)")
 	inbound := fs.String("inbound-hooks", datapath.InboundAuto, "how meshlane's inbound steering attaches to meshed pods: auto, tcx, tc or sk_lookup (meshlane-agent's flag of the same name)")
 	scope := fs.String("cgroup-scope", datapath.ScopeNode, "the control workload agent's --cgroup-scope: node, or pod (each pod gets a cgroup, passed as cgroupPath; a meshed pod's ADD attaches the cgroup programs to it)")
+	profile := fs.Bool("profile", false, "sample every measured wrk run machine-wide with perf and report the CPU per request of each kernel path (netfilter, BPF, sockmap, TCP/IP, scheduler, ...); needs perf (make deps)")
 	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
 	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")
 	rerender := fs.String("rerender", "", "measure nothing: rewrite results.md and the charts in this earlier run's directory from its results.json")
@@ -187,7 +190,7 @@ func parseFlags(args []string) (config, error) {
 		return config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg := config{Rounds: *rounds, Duration: *dur, Warmup: *warmup, Quick: *quick, CloseConns: *closeConns,
-		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar, Inbound: *inbound, CgroupScope: *scope}
+		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar, Inbound: *inbound, CgroupScope: *scope, Profile: *profile}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if cfg.Quick {
@@ -238,6 +241,11 @@ func parseFlags(args []string) (config, error) {
 		return cfg, fmt.Errorf("--sidecar %q: want %s or %s", cfg.Sidecar, sidecarC, sidecarGo)
 	case cfg.Pods < 1 || cfg.Pods > maxPods:
 		return cfg, fmt.Errorf("--pods %d: want 1 to %d", cfg.Pods, maxPods)
+	}
+	if cfg.Profile {
+		if _, err := exec.LookPath("perf"); err != nil {
+			return cfg, fmt.Errorf("--profile needs perf: %w (make deps installs linux-perf)", err)
+		}
 	}
 	if cfg.CgroupScope != datapath.ScopeNode && cfg.CgroupScope != datapath.ScopePod {
 		return cfg, fmt.Errorf("--cgroup-scope %q: want %s or %s", cfg.CgroupScope, datapath.ScopeNode, datapath.ScopePod)

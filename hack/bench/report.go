@@ -158,7 +158,7 @@ func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
 	p("")
 	p("Cells: mean (min–max) over the good rounds; below, the ratio of the means to iptables and to direct measured in this same run.")
 	p("")
-	rep.table(b, false)
+	rep.table(b, tableMain)
 	if tax := rep.connectTax(); tax != "" {
 		p("")
 		p("## Connect tax on non-meshed pods")
@@ -170,7 +170,15 @@ func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
 	p("")
 	p("Machine idle share during each run (from /proc/stat, all CPUs, other users of the machine included) and CPU time per request of each process group of the bench cgroup (cgroup cpu.stat; softirq work is charged to whichever process was running).")
 	p("")
-	rep.table(b, true)
+	rep.table(b, tableCPU)
+	if rep.Config.Profile {
+		p("")
+		p("## Where the CPU went, by kernel path (perf)")
+		p("")
+		p("Every measured wrk run sampled machine-wide by `perf record -e cpu-clock -F %d -a -g` (other users of the machine included); each sample is put on the path of the innermost frame of its call chain that belongs to one (a conntrack lookup inside tcp_sendmsg is netfilter, a wake-up inside the sockmap's sendmsg is the scheduler). µs of CPU per request: samples × 1/%d s ÷ requests. `logs/*-perf.txt` has each run's top functions.", perfHz, perfHz)
+		p("")
+		rep.table(b, tablePerf)
+	}
 	if counters := rep.counterTotals(); len(counters) > 0 {
 		p("")
 		p("## Datapath counters, summed over the measured runs")
@@ -209,12 +217,13 @@ func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
 	}
 }
 
-// table writes the main table (cpu false) or the CPU table (cpu true).
-func (rep *Report) table(b *strings.Builder, cpu bool) {
+// table writes one of the report's tables; only the main one has ratios.
+func (rep *Report) table(b *strings.Builder, t table) {
 	modes := rep.Config.Modes
+	cpu := t != tableMain
 	fmt.Fprintf(b, "| figure | %s |\n|---|%s\n", strings.Join(modes, " | "), strings.Repeat("---:|", len(modes)))
 	for _, f := range rep.Figures {
-		if f.CPU != cpu || f.Kind == kindControl {
+		if f.table() != t || f.Kind == kindControl {
 			continue
 		}
 		row := fmt.Sprintf("| %s: %s (%s%s) |", f.Workload, f.Metric, f.Unit, betterHint(f.LowerWins))

@@ -94,6 +94,9 @@ type Run struct {
 	// the same hooks as the datapath's during a connect-tax run: the
 	// accounting's own cost (see attachNoops).
 	NoopPrograms map[string]ProgStat `json:"noopPrograms,omitempty"`
+	// Profile is where the machine's CPU went during the run, by kernel
+	// path, with --profile (wrk runs).
+	Profile *Profile `json:"profile,omitempty"`
 	// Err says why the run does not count; empty for a good run.
 	Err string `json:"err,omitempty"`
 	// Iptables names the iptables-restore that loaded the rules.
@@ -250,6 +253,13 @@ func (w *world) measureRun(ctx context.Context, round int, wl workload, cfg conf
 		return run, nil
 	}
 	name := fmt.Sprintf("%d-%s-%s", round, strings.ReplaceAll(w.mode, "+", "-"), wl.slug())
+	var perf *perfRecording
+	if cfg.Profile && wl.Kind != kindConnect && !wl.Warmup {
+		if perf, err = startPerf(filepath.Join(w.n.logs, name+"-perf.data"), w.n.logPath(name+"-perf")); err != nil {
+			run.Err = err.Error()
+			return run, nil
+		}
+	}
 	var out string
 	if wl.Kind == kindConnect {
 		out, err = w.exec(ctx, w.c, name, cfg.Duration, w.n.probe, connectLoopArg,
@@ -258,6 +268,13 @@ func (w *world) measureRun(ctx context.Context, round int, wl workload, cfg conf
 		out, err = w.exec(ctx, w.a, name, cfg.Duration, wrkArgs(wl, w.url(wl), cfg)...)
 	}
 	after, serr := w.snapshot()
+	var perr error
+	if perf != nil {
+		var prof Profile
+		if prof, perr = perf.stop(ctx); perr == nil {
+			run.Profile = &prof
+		}
+	}
 	if ctx.Err() != nil {
 		return run, ctx.Err()
 	}
@@ -289,7 +306,7 @@ func (w *world) measureRun(ctx context.Context, round int, wl workload, cfg conf
 			problems = append(problems, perr)
 		}
 	}
-	problems = append(problems, serr)
+	problems = append(problems, serr, perr)
 	if run.requests() == 0 {
 		problems = append(problems, errors.New("no request completed"))
 	} else {

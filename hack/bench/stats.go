@@ -45,7 +45,8 @@ type Figure struct {
 	Metric     string             `json:"metric"`
 	Unit       string             `json:"unit"`
 	LowerWins  bool               `json:"lowerIsBetter"`
-	CPU        bool               `json:"cpu"` // belongs to the CPU table
+	CPU        bool               `json:"cpu"`            // belongs to the CPU table
+	Perf       bool               `json:"perf,omitempty"` // belongs to the kernel-path table (--profile)
 	Modes      map[string]Stat    `json:"modes"`
 	VsIptables map[string]float64 `json:"ratioToIptables"`
 	VsDirect   map[string]float64 `json:"ratioToDirect"`
@@ -54,12 +55,31 @@ type Figure struct {
 	Added *Stat `json:"addedByMeshlane,omitempty"`
 }
 
+// table is the report table a metric belongs to.
+type table int
+
+const (
+	tableMain table = iota // what each mode achieved
+	tableCPU               // where the CPU went, by process group
+	tablePerf              // where the CPU went, by kernel path (--profile)
+)
+
+func (f Figure) table() table {
+	switch {
+	case f.Perf:
+		return tablePerf
+	case f.CPU:
+		return tableCPU
+	}
+	return tableMain
+}
+
 // metric extracts one number from a good run.
 type metric struct {
 	name      string
 	unit      string
 	lowerWins bool
-	cpu       bool
+	table     table
 	kinds     []string
 	// get returns the metric, or false when the run has none (the BPF
 	// run time of a mode without programs).
@@ -160,37 +180,57 @@ const metricPairedTaxPod = "connect+close time added to a pod that is not meshed
 var (
 	wrkKinds = []string{kindKeepalive, kindClose, kindBulk}
 	metrics  = []metric{
-		{"requests/s", "req/s", false, false, []string{kindKeepalive}, always(func(r Run) float64 { return r.Wrk.RequestsSec })},
-		{"connections/s", "conn/s", false, false, []string{kindClose}, always(func(r Run) float64 { return r.Wrk.RequestsSec })},
-		{"throughput", "MB/s", false, false, []string{kindBulk}, always(func(r Run) float64 { return r.Wrk.BytesSec / 1e6 })},
-		{"p50", "µs", true, false, []string{kindKeepalive}, always(func(r Run) float64 { return us(float64(r.Wrk.P50)) })},
-		{"p90", "µs", true, false, []string{kindKeepalive}, always(func(r Run) float64 { return us(float64(r.Wrk.P90)) })},
-		{"p99", "µs", true, false, []string{kindKeepalive, kindClose}, always(func(r Run) float64 { return us(float64(r.Wrk.P99)) })},
-		{"connect+close", "ns", true, false, []string{kindConnect}, always(func(r Run) float64 { return r.Connect.NsPerConnect })},
-		{"requests per CPU-second of the bench cgroup", "req/CPU-s", false, false, wrkKinds, perCPUSecond},
-		{"BPF run time per request", "ns", true, false, slices.Concat(wrkKinds, []string{kindConnect}), bpfPerRequest},
-		{metricBPFNet, "ns", true, false, []string{kindConnect}, bpfNetPerRequest},
-		{metricPairedTax, "%", true, false, []string{kindConnect}, abTax},
-		{metricPairedTaxPod, "%", true, false, []string{kindConnect}, abPodTax},
-		{"machine idle", "%", false, true, slices.Concat(wrkKinds, []string{kindConnect}), always(func(r Run) float64 { return r.CPU.Idle })},
-		{"CPU/req load generator", "µs", true, true, wrkKinds, perRequest(groupLoad)},
-		{"CPU/req sidecars", "µs", true, true, wrkKinds, perRequest(groupSidecarA, groupSidecarB)},
-		{"CPU/req app servers", "µs", true, true, slices.Concat(wrkKinds, []string{kindConnect}), perRequest(groupApps)},
-		{"CPU/connect client", "µs", true, true, []string{kindConnect}, perRequest(groupLoad)},
+		{"requests/s", "req/s", false, tableMain, []string{kindKeepalive}, always(func(r Run) float64 { return r.Wrk.RequestsSec })},
+		{"connections/s", "conn/s", false, tableMain, []string{kindClose}, always(func(r Run) float64 { return r.Wrk.RequestsSec })},
+		{"throughput", "MB/s", false, tableMain, []string{kindBulk}, always(func(r Run) float64 { return r.Wrk.BytesSec / 1e6 })},
+		{"p50", "µs", true, tableMain, []string{kindKeepalive}, always(func(r Run) float64 { return us(float64(r.Wrk.P50)) })},
+		{"p90", "µs", true, tableMain, []string{kindKeepalive}, always(func(r Run) float64 { return us(float64(r.Wrk.P90)) })},
+		{"p99", "µs", true, tableMain, []string{kindKeepalive, kindClose}, always(func(r Run) float64 { return us(float64(r.Wrk.P99)) })},
+		{"connect+close", "ns", true, tableMain, []string{kindConnect}, always(func(r Run) float64 { return r.Connect.NsPerConnect })},
+		{"requests per CPU-second of the bench cgroup", "req/CPU-s", false, tableMain, wrkKinds, perCPUSecond},
+		{"BPF run time per request", "ns", true, tableMain, slices.Concat(wrkKinds, []string{kindConnect}), bpfPerRequest},
+		{metricBPFNet, "ns", true, tableMain, []string{kindConnect}, bpfNetPerRequest},
+		{metricPairedTax, "%", true, tableMain, []string{kindConnect}, abTax},
+		{metricPairedTaxPod, "%", true, tableMain, []string{kindConnect}, abPodTax},
+		{"machine idle", "%", false, tableCPU, slices.Concat(wrkKinds, []string{kindConnect}), always(func(r Run) float64 { return r.CPU.Idle })},
+		{"CPU/req load generator", "µs", true, tableCPU, wrkKinds, perRequest(groupLoad)},
+		{"CPU/req sidecars", "µs", true, tableCPU, wrkKinds, perRequest(groupSidecarA, groupSidecarB)},
+		{"CPU/req app servers", "µs", true, tableCPU, slices.Concat(wrkKinds, []string{kindConnect}), perRequest(groupApps)},
+		{"CPU/connect client", "µs", true, tableCPU, []string{kindConnect}, perRequest(groupLoad)},
 	}
 )
+
+// perfMetrics are, for runs sampled with --profile, the CPU time per
+// request each kernel path took (idle excluded): samples × the sampling
+// period, machine-wide.
+func perfMetrics() []metric {
+	var out []metric
+	for _, path := range profilePaths {
+		if path == pathIdle {
+			continue
+		}
+		out = append(out, metric{name: "CPU/req " + path, unit: "µs", lowerWins: true, table: tablePerf, kinds: wrkKinds,
+			get: func(r Run) (float64, bool) {
+				if r.Profile == nil {
+					return 0, false
+				}
+				return float64(r.Profile.Paths[path]) * 1e6 / float64(r.Profile.Hz) / float64(r.requests()), true
+			}})
+	}
+	return out
+}
 
 // figures turns the good runs into figures, in workload order then
 // metric order. Runs with an Err do not count.
 func figures(runs []Run, wls []workload, modes []string) []Figure {
 	var out []Figure
 	for _, wl := range wls {
-		for _, m := range metrics {
+		for _, m := range slices.Concat(metrics, perfMetrics()) {
 			if !slices.Contains(m.kinds, wl.Kind) {
 				continue
 			}
 			f := Figure{Workload: wl.Name(), Kind: wl.Kind, Target: wl.Target, Conns: wl.Conns,
-				Metric: m.name, Unit: m.unit, LowerWins: m.lowerWins, CPU: m.cpu,
+				Metric: m.name, Unit: m.unit, LowerWins: m.lowerWins, CPU: m.table == tableCPU, Perf: m.table == tablePerf,
 				Modes: map[string]Stat{}, VsIptables: map[string]float64{}, VsDirect: map[string]float64{}}
 			for _, mode := range modes {
 				var vals []float64
