@@ -64,8 +64,11 @@ type config struct {
 	BulkBytes int `json:"bulkBytes"`
 	Threads   int `json:"wrkThreads"`
 	// Profile samples every measured wrk run with perf (see profile.go).
-	Profile bool   `json:"profile,omitempty"`
-	Out     string `json:"out"`
+	Profile bool `json:"profile,omitempty"`
+	// BPFStats keeps the kernel's BPF run-time accounting on during wrk
+	// runs.
+	BPFStats bool   `json:"bpfStats,omitempty"`
+	Out      string `json:"out"`
 	// Rerender names an earlier run's directory whose report is to be
 	// written again from its results.json; nothing is measured.
 	Rerender string `json:"-"`
@@ -180,6 +183,7 @@ func parseFlags(args []string) (config, error) {
 	inbound := fs.String("inbound-hooks", datapath.InboundAuto, "how meshlane's inbound steering attaches to meshed pods: auto, tcx, tc or sk_lookup (meshlane-agent's flag of the same name)")
 	scope := fs.String("cgroup-scope", datapath.ScopeNode, "the control workload agent's --cgroup-scope: node, or pod (each pod gets a cgroup, passed as cgroupPath; a meshed pod's ADD attaches the cgroup programs to it)")
 	profile := fs.Bool("profile", false, "sample every measured wrk run machine-wide with perf and report the CPU per request of each kernel path (netfilter, BPF, sockmap, TCP/IP, scheduler, ...); needs perf (make deps)")
+	bpfStats := fs.Bool("bpf-stats", false, "keep the kernel's BPF run-time accounting on during wrk runs too, for each program's run time per request; it adds clock reads to every program run, which only the meshlane modes pay, so by default it is on for the connect-tax runs only (which take its cost off)")
 	threads := fs.Int("wrk-threads", 2, "most wrk threads (never more than connections)")
 	out := fs.String("out", "results", "directory under which results/bench-<time>/ is made")
 	rerender := fs.String("rerender", "", "measure nothing: rewrite results.md and the charts in this earlier run's directory from its results.json")
@@ -190,7 +194,7 @@ func parseFlags(args []string) (config, error) {
 		return config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg := config{Rounds: *rounds, Duration: *dur, Warmup: *warmup, Quick: *quick, CloseConns: *closeConns,
-		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar, Inbound: *inbound, CgroupScope: *scope, Profile: *profile}
+		BulkBytes: *bulk, Threads: *threads, Out: *out, Rerender: *rerender, Pods: *pods, Sidecar: *sidecar, Inbound: *inbound, CgroupScope: *scope, Profile: *profile, BPFStats: *bpfStats}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if cfg.Quick {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -44,9 +45,16 @@ const (
 	pathOther     = "other kernel (syscall entry, epoll, memory, ...)"
 	pathIdle      = "idle"
 	pathPerf      = "perf itself"
+	pathElse      = "processes outside the bench"
 )
 
-var profilePaths = []string{pathUser, pathTCPIP, pathNetfilter, pathSockmap, pathBPF, pathSched, pathOther, pathIdle, pathPerf}
+var profilePaths = []string{pathUser, pathTCPIP, pathNetfilter, pathSockmap, pathBPF, pathSched, pathOther, pathIdle, pathPerf, pathElse}
+
+// benchComms are the commands of the bench's own processes (as the kernel
+// shortens them) and the prefixes of kernel threads, which do work for
+// them (softirqs, deferred frees) and idle. Samples of any other command
+// belong to other users of the machine.
+var benchComms = []string{"wrk", "podbin", "meshlane-csidec", "meshlane-bench", "swapper", "ksoftirqd/", "kworker/", "rcu_", "migration/", "cpuhp/", "irq/", "napi/", "kthreadd"}
 
 // jitted matches the kernel's names for JIT-compiled BPF programs.
 var jitted = regexp.MustCompile(`^bpf_prog_[0-9a-f]{16}_`)
@@ -90,6 +98,9 @@ func kernelPath(sym string) string {
 func samplePath(comm string, chain []frame) string {
 	if comm == "perf" || comm == "perf-exec" {
 		return pathPerf
+	}
+	if !slices.ContainsFunc(benchComms, func(c string) bool { return strings.HasPrefix(comm, c) }) {
+		return pathElse
 	}
 	if len(chain) == 0 || !chain[0].kernel {
 		return pathUser

@@ -155,6 +155,11 @@ func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
 	c := rep.Config
 	p("- meshlane's inbound steering on each meshed pod (its eth0 with tcx or tc, its network namespace with sk_lookup): --inbound-hooks %s", inboundFlag(c.Inbound))
 	p("- %d round(s) of %s per run, modes rotated each round (%s); warm-up %s per mode", c.Rounds, c.Duration, strings.Join(c.Modes, ", "), c.Warmup)
+	if rep.wrkRunsAccounted() {
+		p("- the kernel's BPF run-time accounting on during every run: its clock reads slow the meshlane modes' programs, which the other modes do not have")
+	} else {
+		p("- the kernel's BPF run-time accounting on during the connect-tax runs only (which take its cost off); wrk runs go without it, as the modes without programs do")
+	}
 	p("")
 	p("Cells: mean (min–max) over the good rounds; below, the ratio of the means to iptables and to direct measured in this same run.")
 	p("")
@@ -175,7 +180,7 @@ func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
 		p("")
 		p("## Where the CPU went, by kernel path (perf)")
 		p("")
-		p("Every measured wrk run sampled machine-wide by `perf record -e cpu-clock -F %d -a -g` (other users of the machine included); each sample is put on the path of the innermost frame of its call chain that belongs to one (a conntrack lookup inside tcp_sendmsg is netfilter, a wake-up inside the sockmap's sendmsg is the scheduler). µs of CPU per request: samples × 1/%d s ÷ requests. `logs/*-perf.txt` has each run's top functions.", perfHz, perfHz)
+		p("Every measured wrk run sampled machine-wide by `perf record -e cpu-clock -F %d -a -g`; a sample of a process outside the bench (not wrk, the sidecars, the app servers or a kernel thread) counts as such, any other is put on the path of the innermost frame of its call chain that belongs to one (a conntrack lookup inside tcp_sendmsg is netfilter, a wake-up inside the sockmap's sendmsg is the scheduler). µs of CPU per request: samples × 1/%d s ÷ requests. `logs/*-perf.txt` has each run's top functions.", perfHz, perfHz)
 		p("")
 		rep.table(b, tablePerf)
 	}
@@ -215,6 +220,17 @@ func (rep *Report) dataPathSection(b *strings.Builder, chartFiles []string) {
 			p("![%s](%s)", f, f)
 		}
 	}
+}
+
+// wrkRunsAccounted reports whether the wrk runs had the kernel's BPF
+// run-time accounting on: --bpf-stats, or a run from before the flag.
+func (rep *Report) wrkRunsAccounted() bool {
+	for _, r := range rep.Runs {
+		if r.Wrk != nil && r.Programs != nil {
+			return true
+		}
+	}
+	return false
 }
 
 // table writes one of the report's tables; only the main one has ratios.

@@ -165,12 +165,24 @@ func deltas(before, after map[string]uint64) map[string]uint64 {
 }
 
 // measure runs one workload and records it; problems with the run itself
-// end up in Run.Err, only an interruption is returned as an error. A
-// connect-tax run of a meshlane mode has no-op programs beside the
-// datapath's (see attachNoops).
+// end up in Run.Err, only an interruption is returned as an error. The
+// kernel's BPF run-time accounting is on only for connect-tax runs (where
+// no-op programs beside the datapath's measure its cost, see attachNoops),
+// and for the others with --bpf-stats.
 func (w *world) measure(ctx context.Context, round int, wl workload, cfg config) (Run, error) {
-	if wl.Kind != kindConnect || w.dp == nil {
+	if w.dp == nil || (wl.Kind != kindConnect && cfg.BPFStats) {
 		return w.measureRun(ctx, round, wl, cfg)
+	}
+	if wl.Kind != kindConnect {
+		// The accounting would add its clock reads to every program run,
+		// a cost the modes without programs do not pay.
+		var run Run
+		err := w.n.withoutProgramStats(func() (err error) {
+			run, err = w.measureRun(ctx, round, wl, cfg)
+			return err
+		})
+		run.Programs = nil
+		return run, err
 	}
 	noops, detach, err := attachNoops(w.n.cg.Path)
 	if err != nil {

@@ -254,7 +254,11 @@ func figures(runs []Run, wls []workload, modes []string) []Figure {
 					f.VsDirect[mode] = s.Mean / base.Mean
 				}
 			}
-			out = append(out, f)
+			// A metric no run has (BPF run time without the accounting,
+			// kernel paths without --profile) makes no row.
+			if len(f.Modes) > 0 {
+				out = append(out, f)
+			}
 		}
 	}
 	return out
