@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -56,12 +55,10 @@ var profilePaths = []string{pathUser, pathTCPIP, pathNetfilter, pathSockmap, pat
 // belong to other users of the machine.
 var benchComms = []string{"wrk", "podbin", "meshlane-csidec", "meshlane-bench", "swapper", "ksoftirqd/", "kworker/", "rcu_", "migration/", "cpuhp/", "irq/", "napi/", "kthreadd"}
 
-// jitted matches the kernel's names for JIT-compiled BPF programs.
-var jitted = regexp.MustCompile(`^bpf_prog_[0-9a-f]{16}_`)
-
-// pathRules say which kernel functions belong to a path, by name prefix.
-// A frame is tried against them in this order, so the sockmap's
-// bpf_tcp_ingress is sockmap, not BPF, and sk_psock_* not sockets.
+// pathRules say which kernel functions belong to a path, by name prefix
+// (JIT-compiled programs are named bpf_prog_<tag>_<name>). A frame is tried
+// against them in this order, so the sockmap's bpf_tcp_ingress is sockmap,
+// not BPF, and sk_psock_* not sockets.
 var pathRules = []struct {
 	path     string
 	prefixes []string
@@ -80,9 +77,6 @@ var pathRules = []struct {
 
 // kernelPath is the path a kernel function belongs to, or "".
 func kernelPath(sym string) string {
-	if jitted.MatchString(sym) {
-		return pathBPF
-	}
 	for _, r := range pathRules {
 		for _, p := range r.prefixes {
 			if strings.HasPrefix(sym, p) {
@@ -217,7 +211,6 @@ const perfStopTimeout = 30 * time.Second
 // is kept beside the log for a closer look.
 func (p *perfRecording) stop(ctx context.Context) (Profile, error) {
 	defer os.Remove(p.data)
-	defer os.Remove(p.data + ".old")
 	if err := p.cmd.Process.Signal(syscall.SIGINT); err != nil {
 		return Profile{}, fmt.Errorf("stop perf: %w", err)
 	}

@@ -239,7 +239,7 @@ func (rep *Report) table(b *strings.Builder, t table) {
 	cpu := t != tableMain
 	fmt.Fprintf(b, "| figure | %s |\n|---|%s\n", strings.Join(modes, " | "), strings.Repeat("---:|", len(modes)))
 	for _, f := range rep.Figures {
-		if f.table() != t || f.Kind == kindControl {
+		if f.Table != t || f.Kind == kindControl {
 			continue
 		}
 		row := fmt.Sprintf("| %s: %s (%s%s) |", f.Workload, f.Metric, f.Unit, betterHint(f.LowerWins))

@@ -45,8 +45,7 @@ type Figure struct {
 	Metric     string             `json:"metric"`
 	Unit       string             `json:"unit"`
 	LowerWins  bool               `json:"lowerIsBetter"`
-	CPU        bool               `json:"cpu"`            // belongs to the CPU table
-	Perf       bool               `json:"perf,omitempty"` // belongs to the kernel-path table (--profile)
+	Table      table              `json:"table"`
 	Modes      map[string]Stat    `json:"modes"`
 	VsIptables map[string]float64 `json:"ratioToIptables"`
 	VsDirect   map[string]float64 `json:"ratioToDirect"`
@@ -55,24 +54,14 @@ type Figure struct {
 	Added *Stat `json:"addedByMeshlane,omitempty"`
 }
 
-// table is the report table a metric belongs to.
-type table int
+// table is the report table a figure belongs to.
+type table string
 
 const (
-	tableMain table = iota // what each mode achieved
-	tableCPU               // where the CPU went, by process group
-	tablePerf              // where the CPU went, by kernel path (--profile)
+	tableMain table = "main" // what each mode achieved
+	tableCPU  table = "cpu"  // where the CPU went, by process group
+	tablePerf table = "perf" // where the CPU went, by kernel path (--profile)
 )
-
-func (f Figure) table() table {
-	switch {
-	case f.Perf:
-		return tablePerf
-	case f.CPU:
-		return tableCPU
-	}
-	return tableMain
-}
 
 // metric extracts one number from a good run.
 type metric struct {
@@ -224,13 +213,14 @@ func perfMetrics() []metric {
 // metric order. Runs with an Err do not count.
 func figures(runs []Run, wls []workload, modes []string) []Figure {
 	var out []Figure
+	all := slices.Concat(metrics, perfMetrics())
 	for _, wl := range wls {
-		for _, m := range slices.Concat(metrics, perfMetrics()) {
+		for _, m := range all {
 			if !slices.Contains(m.kinds, wl.Kind) {
 				continue
 			}
 			f := Figure{Workload: wl.Name(), Kind: wl.Kind, Target: wl.Target, Conns: wl.Conns,
-				Metric: m.name, Unit: m.unit, LowerWins: m.lowerWins, CPU: m.table == tableCPU, Perf: m.table == tablePerf,
+				Metric: m.name, Unit: m.unit, LowerWins: m.lowerWins, Table: m.table,
 				Modes: map[string]Stat{}, VsIptables: map[string]float64{}, VsDirect: map[string]float64{}}
 			for _, mode := range modes {
 				var vals []float64
